@@ -1,0 +1,164 @@
+"""``dpo-lean <command> CONFIG.yaml [key=value ...]``: the commands, and user errors as one-line messages."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from .errors import DpoLeanError
+
+
+def _quiet_libraries() -> None:
+    """Keep the libraries' info chatter (weight loading bars, hub notices) out of the user's terminal."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes warns on import that an optional hub kernel is missing; dpo-lean never fetches it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def user_errors(fn):
+    """Turn a DpoLeanError into ``Error: <one line>`` and exit status 1, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DpoLeanError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _config(config_path, overrides):
+    from .config import load_config
+
+    return load_config(config_path, overrides)
+
+
+config_args = [click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False)),
+               click.argument("overrides", nargs=-1, metavar="[key=value ...]")]
+
+
+def with_config(fn):
+    for deco in reversed(config_args):
+        fn = deco(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dpo-lean")
+def main():
+    """dpo-lean: DPO with the reference run once into a cache, then a 4-bit LoRA policy trained alone.
+
+    Every command takes a LLaMA-Factory-style YAML and optional key=value overrides.
+    """
+    _quiet_libraries()
+
+
+@main.command("data-check")
+@with_config
+@user_errors
+def data_check(config_path, overrides):
+    """Load and tokenise exactly as training would; print row counts, skips and token lengths."""
+    from .config import require
+    from .data.pipeline import length_stats, prepare_data, skip_summary, write_skip_report
+    from .modeling import load_tokenizer
+
+    config = _config(config_path, overrides)
+    require(config, "model_name_or_path", "dataset")
+    data = prepare_data(config, load_tokenizer(config))
+    click.echo(f"dataset: {config.dataset}")
+    click.echo(f"rows loaded: {data.num_rows}")
+    click.echo(f"rows kept: {len(data.rows)}")
+    click.echo(f"rows skipped: {len(data.skips)}")
+    for reason, n in data.skip_counts().most_common():
+        click.echo(f"  {reason}: {n}")
+    click.echo(f"rows truncated to cutoff_len={config.cutoff_len}: {data.num_truncated}")
+    click.echo(f"{'tokens':<10}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}")
+    for name, stats in length_stats(data.rows).items():
+        click.echo(f"{name:<10}" + "".join(f"{stats[k]:>8}" for k in ("p50", "p90", "p99", "max")))
+    if data.skips:
+        click.echo(f"skipped rows: {write_skip_report(data, config.metrics_dir)}")
+    click.echo(skip_summary(data))
+
+
+@main.command()
+@with_config
+@user_errors
+def precompute(config_path, overrides):
+    """Phase 1: run the frozen reference once; write reference log-probs to the Parquet cache."""
+    from .precompute import run_precompute
+
+    run_precompute(_config(config_path, overrides))
+
+
+@main.command()
+@with_config
+@user_errors
+def train(config_path, overrides):
+    """Phase 2: train the LoRA policy against the cache (no reference model in memory)."""
+    from .train import run_train
+
+    run_train(_config(config_path, overrides))
+
+
+@main.command("cache-info")
+@click.argument("cache_dir", type=click.Path())
+@user_errors
+def cache_info(cache_dir):
+    """Fingerprint, rows, parts and value statistics of a cache; non-zero exit if incomplete or damaged."""
+    from .cache_report import describe
+
+    ok, lines = describe(cache_dir)
+    for line in lines:
+        click.echo(line)
+    if not ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--output", "output", default="demo_output", show_default=True, type=click.Path(),
+              help="Folder for the tiny model, the data, the cache and the trained adapter.")
+@click.option("--epochs", default=None, type=float, help="Override the demo's number of epochs.")
+@user_errors
+def demo(output, epochs):
+    """The whole pipeline on a bundled tiny model and generated data, on CPU, in a few minutes."""
+    from .demo import run_demo
+
+    run_demo(output, epochs=epochs)
+
+
+@main.command()
+@with_config
+@user_errors
+def export(config_path, overrides):
+    """Merge the trained adapter into an unquantised copy of the base and save it (export_dir)."""
+    from .export import run_export
+
+    run_export(_config(config_path, overrides))
+
+
+@main.command()
+def keys():
+    """List every config key with its type, default and meaning."""
+    from .config import key_table
+
+    click.echo(key_table())
+
+
+if __name__ == "__main__":
+    main()

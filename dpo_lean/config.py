@@ -1,0 +1,334 @@
+"""The one typed config: YAML + ``key=value`` overrides, validated once.
+
+Keys follow LLaMA-Factory's names where one exists, so a LLaMA-Factory DPO YAML loads as it is.
+Nothing else in dpo-lean reads the raw YAML; everything reads a :class:`Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import DpoLeanError
+
+PREF_LOSSES = ("sigmoid", "hinge", "ipo")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+REF_PRECISIONS = ("base", "bf16", "fp16", "fp32")
+ATTN_CHOICES = ("auto", "disabled", "sdpa", "fa2", "eager")
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+    "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay",
+)
+
+
+def _key(default, help: str, *, group: str, choices=None, min=None, max=None, min_exclusive=False,
+         max_exclusive=False, compat: bool = False):
+    """A config key: default, one-line meaning, and the rules its value must satisfy."""
+    meta = dict(help=help, group=group, choices=choices, min=min, max=max, min_exclusive=min_exclusive,
+                max_exclusive=max_exclusive, compat=compat)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # --- model ---
+    model_name_or_path: str | None = _key(None, "Hub id or local directory of the base model (also the reference).", group="model")
+    model_revision: str = _key("main", "Hub revision (branch, tag or commit) of the model.", group="model")
+    cache_dir: str | None = _key(None, "Where the Hugging Face hub cache keeps downloaded models (as in LLaMA-Factory).", group="model")
+    trust_remote_code: bool = _key(False, "Allow model code from the hub repository to run. Off by default.", group="model")
+    flash_attn: str = _key("auto", "Attention kernel: auto, sdpa, eager (or disabled), fa2.", group="model", choices=ATTN_CHOICES)
+    quantization_bit: int | None = _key(None, "4 = bitsandbytes NF4 base (QLoRA); unset = the plain compute dtype.", group="model", choices=(None, 4))
+    quantization_type: str = _key("nf4", "4-bit data type for bitsandbytes.", group="model", choices=("nf4", "fp4"))
+    double_quantization: bool = _key(True, "Quantise the 4-bit quantisation constants too (saves ~0.4 bit/param).", group="model")
+    ref_precision: str = _key("base", "Reference precision: base = loaded exactly as the policy's base (step-0 loss is ln 2); bf16/fp16/fp32 = unquantised reference.", group="model", choices=REF_PRECISIONS)
+    disable_gradient_checkpointing: bool = _key(False, "Turn off gradient checkpointing (faster, much more activation memory).", group="model")
+    use_safetensors_only: bool = _key(True, "Refuse pickle-based weight files (.bin); set false only for weights you trust.", group="model")
+
+    # --- method ---
+    stage: str = _key("dpo", "Training stage; dpo-lean does DPO only.", group="method", choices=("dpo",))
+    finetuning_type: str = _key("lora", "Fine-tuning type; dpo-lean trains LoRA adapters only.", group="method", choices=("lora",))
+    do_train: bool = _key(True, "Accepted for LLaMA-Factory compatibility; `dpo-lean train` always trains.", group="method", compat=True)
+    pref_beta: float = _key(0.1, "DPO beta: strength of the pull towards the reference.", group="method", min=0.0, min_exclusive=True)
+    pref_loss: str = _key("sigmoid", "Preference loss: sigmoid (DPO), hinge (SLiC), ipo (IPO).", group="method", choices=PREF_LOSSES)
+    pref_ftx: float = _key(0.0, "Weight of an SFT term (mean NLL per token of the chosen completion) added to the loss.", group="method", min=0.0)
+    dpo_label_smoothing: float = _key(0.0, "Conservative DPO: assumed probability that a preference label is flipped (sigmoid only).", group="method", min=0.0, max=0.5, max_exclusive=True)
+    lora_rank: int = _key(8, "LoRA rank r.", group="method", min=1)
+    lora_alpha: int | None = _key(None, "LoRA alpha; default 2 x lora_rank.", group="method", min=1)
+    lora_dropout: float = _key(0.0, "Dropout on the LoRA input.", group="method", min=0.0, max=1.0)
+    lora_target: str = _key("all", "Modules that get LoRA: all (every linear layer except the output head) or a comma-separated list of names.", group="method")
+
+    # --- data ---
+    dataset: str | None = _key(None, "Comma-separated files (json, jsonl, parquet, csv) or names from dataset_dir/dataset_info.json.", group="data")
+    dataset_dir: str = _key("data", "Folder holding dataset_info.json and the files it names.", group="data")
+    eval_dataset: str | None = _key(None, "Held-out datasets, same syntax as dataset.", group="data")
+    template: str = _key("auto", "Chat template: auto (the tokenizer's own), chatml, qwen, llama3, plain.", group="data")
+    cutoff_len: int = _key(2048, "Most tokens of prompt + completion, for chosen and for rejected.", group="data", min=2)
+    truncation_mode: str = _key("keep_end", "keep_end: cut the prompt's start and the completions' end; keep_start: keep the prompt whole, cut completions' end, skip rows whose prompt fills cutoff_len.", group="data", choices=TRUNCATION_MODES)
+    max_samples: int | None = _key(None, "Use at most this many rows of each dataset (the first ones).", group="data", min=1)
+    val_size: float = _key(0.0, "Held-out share of the rows (< 1) or row count (>= 1) for evaluation.", group="data", min=0.0)
+    strict: bool = _key(False, "Turn any skipped row into an error.", group="data")
+    preprocessing_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; tokenisation runs in-process.", group="data", compat=True)
+
+    # --- reference cache ---
+    ref_cache_dir: str | None = _key(None, "Reference log-prob cache directory; default <output_dir>/ref_cache. (LLaMA-Factory's cache_dir is the hub cache, so this key has its own name.)", group="cache")
+    overwrite_cache: bool = _key(False, "precompute: replace an existing cache whose fingerprint differs.", group="cache")
+    precompute_ref_batch_size: int = _key(8, "Rows per batch in precompute (each row is a chosen and a rejected sequence).", group="cache", min=1)
+    cache_part_rows: int = _key(512, "Rows per Parquet part; a crash loses at most one part of work.", group="cache", min=1)
+    num_shards: int = _key(1, "precompute: split the rows into this many shards (auto under torchrun/accelerate).", group="cache", min=1)
+    shard_index: int = _key(0, "precompute: which shard this process computes.", group="cache", min=0)
+    logprob_chunk_size: int | None = _key(None, "Completion positions per chunk of logits; default keeps one chunk near 128 MB of float32.", group="cache", min=1)
+
+    # --- training ---
+    output_dir: str = _key("output", "Where the adapter, checkpoints and dpo_metrics/ go.", group="train")
+    overwrite_output_dir: bool = _key(False, "Accepted for LLaMA-Factory compatibility.", group="train", compat=True)
+    per_device_train_batch_size: int = _key(1, "Preference pairs per device per step.", group="train", min=1)
+    per_device_eval_batch_size: int = _key(1, "Preference pairs per device per eval step.", group="train", min=1)
+    gradient_accumulation_steps: int = _key(1, "Micro-batches per optimizer step.", group="train", min=1)
+    num_train_epochs: float = _key(3.0, "Epochs over the training rows.", group="train", min=0.0, min_exclusive=True)
+    max_steps: int = _key(-1, "Stop after this many optimizer steps (overrides num_train_epochs when > 0).", group="train", min=-1)
+    learning_rate: float = _key(5.0e-6, "Peak learning rate.", group="train", min=0.0, min_exclusive=True)
+    lr_scheduler_type: str = _key("cosine", "Learning-rate schedule (transformers' names).", group="train", choices=SCHEDULERS)
+    warmup_ratio: float = _key(0.0, "Share of steps for linear warmup.", group="train", min=0.0, max=1.0)
+    warmup_steps: int = _key(0, "Warmup steps (overrides warmup_ratio when > 0).", group="train", min=0)
+    weight_decay: float = _key(0.0, "AdamW weight decay.", group="train", min=0.0)
+    max_grad_norm: float = _key(1.0, "Gradient clipping norm (0 = off).", group="train", min=0.0)
+    optim: str = _key("adamw_torch", "Optimizer (transformers' names): adamw_torch, paged_adamw_8bit, adamw_bnb_8bit, ...", group="train")
+    adam_beta1: float = _key(0.9, "AdamW beta1.", group="train", min=0.0, max=1.0)
+    adam_beta2: float = _key(0.999, "AdamW beta2.", group="train", min=0.0, max=1.0)
+    adam_epsilon: float = _key(1e-8, "AdamW epsilon.", group="train", min=0.0, min_exclusive=True)
+    bf16: bool = _key(False, "bfloat16 compute on GPU (CPU always computes in float32).", group="train")
+    fp16: bool = _key(False, "float16 compute on GPU.", group="train")
+    seed: int = _key(42, "Seed for LoRA init, shuffling and dropout.", group="train")
+    group_by_length: bool = _key(True, "Batch pairs of similar length together (order still random, seeded).", group="train")
+    logging_steps: int = _key(10, "Log metrics every this many optimizer steps.", group="train", min=1)
+    save_steps: int = _key(500, "Save a checkpoint every this many steps.", group="train", min=1)
+    save_strategy: str = _key("steps", "When to save checkpoints.", group="train", choices=("no", "steps", "epoch"))
+    save_total_limit: int | None = _key(None, "Keep at most this many checkpoints.", group="train", min=1)
+    save_only_model: bool = _key(False, "Checkpoints without optimizer/scheduler state (cannot resume exactly).", group="train")
+    eval_strategy: str | None = _key(None, "no, steps or epoch; default steps when there are held-out rows.", group="train", choices=(None, "no", "steps", "epoch"))
+    eval_steps: int | None = _key(None, "Evaluate every this many steps; default logging_steps.", group="train", min=1)
+    eval_on_start: bool = _key(False, "Evaluate once before the first step (the reference's own scores: loss ln 2).", group="train")
+    resume_from_checkpoint: bool | str | None = _key(None, "true = the latest checkpoint in output_dir, or a checkpoint folder.", group="train")
+    report_to: str = _key("none", "none, tensorboard or wandb (comma-separated for several).", group="train")
+    run_name: str | None = _key(None, "Run name for the trackers.", group="train")
+    dataloader_num_workers: int = _key(0, "Data-loading worker processes.", group="train", min=0)
+    ddp_timeout: int = _key(1800, "Seconds a distributed process waits for the others.", group="train", min=1)
+    deepspeed: str | None = _key(None, "DeepSpeed config file, as in transformers.", group="train")
+    plot_loss: bool = _key(True, "Write dpo_metrics/training_curves.png.", group="train")
+
+    # --- export ---
+    adapter_name_or_path: str | None = _key(None, "Adapter to export or evaluate; default output_dir.", group="export")
+    export_dir: str | None = _key(None, "Where `dpo-lean export` writes the merged model; default <output_dir>/merged.", group="export")
+
+    # ------------------------------------------------------------------
+    @property
+    def resolved_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+    @property
+    def resolved_ref_cache_dir(self) -> Path:
+        return Path(self.ref_cache_dir) if self.ref_cache_dir else Path(self.output_dir) / "ref_cache"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return Path(self.output_dir) / "dpo_metrics"
+
+    @property
+    def lora_target_modules(self) -> str | list[str]:
+        """"all" for every linear layer but the output head (PEFT's all-linear), else the listed names."""
+        names = [n.strip() for n in self.lora_target.split(",") if n.strip()]
+        return "all-linear" if names in (["all"], []) else names
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _allowed_types(name: str) -> tuple[type, ...]:
+    hint = _HINTS[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(typing.get_args(hint))
+    return (hint,)
+
+
+def _describe(types_: tuple[type, ...]) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return " or ".join(names[t] for t in types_)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Return ``value`` as the key's type, or raise a one-line error naming key, value and what is allowed."""
+    allowed = _allowed_types(name)
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif isinstance(value, int):
+        if int in allowed:
+            return value
+        if float in allowed:
+            return float(value)
+    elif isinstance(value, float):
+        if float in allowed:
+            return value
+        if int in allowed and value.is_integer():
+            return int(value)
+    elif isinstance(value, str):
+        if str in allowed:
+            return value
+        # YAML 1.1 reads "5e-6" as a string; LLaMA-Factory users write it, so accept numbers in strings.
+        for t in (int, float):
+            if t in allowed:
+                try:
+                    return t(value)
+                except ValueError:
+                    pass
+        if bool in allowed and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif isinstance(value, list) and str in allowed and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # lora_target: [q_proj, v_proj], dataset: [a, b], report_to: [wandb]
+    raise DpoLeanError(f"config key '{name}': {value!r} is not allowed; expected {_describe(allowed)}")
+
+
+def _check_rules(name: str, value: Any) -> None:
+    meta = FIELDS[name].metadata
+    choices = meta["choices"]
+    if choices is not None and value not in choices:
+        shown = ", ".join("null" if c is None else str(c) for c in choices)
+        raise DpoLeanError(f"config key '{name}': {value!r} is not supported; choose one of: {shown}")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo, hi = meta["min"], meta["max"]
+    nan = isinstance(value, float) and math.isnan(value)
+    if lo is not None and (nan or value < lo or (meta["min_exclusive"] and value == lo)):
+        bound = f"> {lo}" if meta["min_exclusive"] else f">= {lo}"
+        raise DpoLeanError(f"config key '{name}': {value!r} is out of range; it must be {bound}")
+    if hi is not None and (nan or value > hi or (meta["max_exclusive"] and value == hi)):
+        bound = f"< {hi}" if meta["max_exclusive"] else f"<= {hi}"
+        raise DpoLeanError(f"config key '{name}': {value!r} is out of range; it must be {bound}")
+
+
+def _unknown_key_error(name: str) -> DpoLeanError:
+    close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else "; `dpo-lean keys` lists the valid keys"
+    return DpoLeanError(f"unknown config key '{name}'{hint}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (so numbers, booleans and null have their types)."""
+    if "=" not in text:
+        raise DpoLeanError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a mapping of keys to values into a Config (unknown keys, types, ranges, cross-key rules)."""
+    values = {}
+    for name, value in raw.items():
+        if name not in FIELDS:
+            raise _unknown_key_error(name)
+        value = _coerce(name, value)
+        _check_rules(name, value)
+        values[name] = value
+    config = Config(**values)
+    _check_cross_rules(config)
+    return config
+
+
+def _check_cross_rules(c: Config) -> None:
+    if c.bf16 and c.fp16:
+        raise DpoLeanError("config keys 'bf16' and 'fp16' are both true; set at most one")
+    if c.shard_index >= c.num_shards:
+        raise DpoLeanError(f"config key 'shard_index': {c.shard_index} must be < num_shards ({c.num_shards})")
+    if c.dpo_label_smoothing > 0 and c.pref_loss != "sigmoid":
+        raise DpoLeanError(f"config key 'dpo_label_smoothing' works with pref_loss: sigmoid only (got {c.pref_loss})")
+    if c.template not in template_names():
+        close = difflib.get_close_matches(c.template, template_names(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise DpoLeanError(f"config key 'template': {c.template!r} is not supported; choose one of: "
+                           f"{', '.join(template_names())}{hint}")
+    for t in (x.strip() for x in c.report_to.split(",")):
+        if t not in ("none", "tensorboard", "wandb", "all", ""):
+            raise DpoLeanError(f"config key 'report_to': {t!r} is not supported; choose none, tensorboard or wandb")
+
+
+def template_names() -> tuple[str, ...]:
+    from .data.templates import TEMPLATES
+
+    return ("auto", *TEMPLATES)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read CONFIG.yaml (safe loader), apply ``key=value`` overrides on top, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise DpoLeanError(f"config file {str(p)!r} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise DpoLeanError(f"config file {str(p)!r}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise DpoLeanError(f"config file {str(p)!r} must be a mapping of key: value")
+        raw.update(loaded)
+    for item in overrides:
+        key, value = parse_override(item)
+        raw[key] = value
+    return from_dict(raw)
+
+
+def require(config: Config, *names: str) -> None:
+    """Raise a one-line error if any of the named keys is unset."""
+    for name in names:
+        if getattr(config, name) in (None, ""):
+            raise DpoLeanError(f"config key '{name}' is required: {FIELDS[name].metadata['help']}")
+
+
+def _type_name(name: str) -> str:
+    return " or ".join({bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}[t]
+                      for t in _allowed_types(name))
+
+
+def key_table(markdown: bool = False) -> str:
+    """Every key with its type, default and meaning, grouped; generated from Config so it cannot drift."""
+    lines = []
+    group = None
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if meta["group"] != group:
+            group = meta["group"]
+            lines += ([""] if lines else []) + ([f"### {group}", "", "| key | type | default | meaning |",
+                                                  "| --- | --- | --- | --- |"] if markdown else [f"[{group}]"])
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        if markdown:
+            lines.append(f"| `{f.name}` | {_type_name(f.name)} | `{shown}` | {meta['help']} |")
+        else:
+            lines.append(f"  {f.name:<32} {_type_name(f.name):<16} {shown:<12} {meta['help']}")
+    return "\n".join(lines)
