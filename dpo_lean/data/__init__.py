@@ -1,0 +1,1 @@
+"""The data path: sources -> formats (normalised records) -> templates + tokenize (token ids)."""

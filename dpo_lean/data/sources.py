@@ -1,0 +1,294 @@
+"""Find dataset files (paths, dataset_info.json names, hub ids) and read their rows, naming every bad line.
+
+Local files are read with the stdlib (JSON, JSON lines, CSV) or pyarrow (Parquet), never with
+``datasets.load_dataset``, so that each bad row is counted and named instead of failing the file.
+Rows are located as ``<path> line N`` (JSON, JSON lines, CSV; 1-based) or ``<path> row N``
+(Parquet and hub datasets; 0-based, as ``ds[N]``).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from ..errors import DpoLeanError
+from .formats import FormatSpec, normalise_rows
+from .records import Record, Skip
+
+SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+REGISTRY = "dataset_info.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+Rows = list[tuple[str, Any]]  # (where the row is, the raw row)
+
+
+@dataclass
+class LoadedData:
+    """Every row read: the kept records and a skip for each of the others."""
+
+    records: list[Record] = field(default_factory=list)  # kept rows, in load order
+    skips: list[Skip] = field(default_factory=list)  # every row not kept, with reason
+    num_rows: int = 0  # rows read in total (= len(records) + len(skips))
+    sources: list[dict] = field(default_factory=list)  # {"name", "path", "sha256", "rows", "layout"} per dataset
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """Where one dataset spec points: a local file or a hub dataset, and how to read its rows."""
+
+    name: str
+    fmt: FormatSpec
+    path: Path | None = None  # as displayed in messages (may be relative)
+    hub: dict | None = None  # {"id", "subset", "split", "revision"}
+
+
+def load_records(dataset: str, dataset_dir: str = "data", max_samples: int | None = None) -> LoadedData:
+    """Load comma-separated dataset specs in order; ``max_samples`` keeps the first N rows of each."""
+    if max_samples is not None and max_samples < 0:
+        raise DpoLeanError(f"max_samples is {max_samples}; use a positive number or leave it unset")
+    specs = [spec.strip() for spec in str(dataset or "").split(",") if spec.strip()]
+    if not specs:
+        raise DpoLeanError("dataset is empty; set it to a file path, a name from dataset_info.json or a hub id")
+    loaded = LoadedData()
+    for spec in specs:
+        resolved = _resolve(spec, Path(dataset_dir))
+        if resolved.hub is not None:
+            rows, fingerprint = _read_hub(resolved, max_samples)
+            path = resolved.hub["id"]
+        else:
+            rows, fingerprint = _read_file(resolved.path, max_samples), _sha256(resolved.path)
+            path = str(resolved.path.resolve())
+        label = str(resolved.path or spec)
+        if not rows and max_samples != 0:
+            raise DpoLeanError(f"{label}: dataset '{spec}' has no rows; point at a file with preference pairs")
+        fmt = replace(resolved.fmt, text_cells=resolved.path is not None and resolved.path.suffix.lower() == ".csv")
+        records, skips, layout = (normalise_rows(rows, name=spec, label=label, spec=fmt, start_index=loaded.num_rows)
+                                  if rows else ([], [], None))
+        loaded.records += records
+        loaded.skips += skips
+        loaded.num_rows += len(rows)
+        loaded.sources.append({"name": spec, "path": path, "sha256": fingerprint, "rows": len(rows), "layout": layout})
+    return loaded
+
+
+# --- finding a dataset --------------------------------------------------------------------------
+
+def _resolve(spec: str, base: Path) -> _Resolved:
+    """A file path (as given or under dataset_dir), then a registered name, then a hub id ``org/name``."""
+    tried: list[str] = []
+    candidates = [Path(spec)] if Path(spec).is_absolute() else [Path(spec), base / spec]
+    for candidate in dict.fromkeys(candidates):
+        if candidate.is_file() and candidate.suffix.lower() in SUFFIXES:
+            return _Resolved(spec, FormatSpec(), path=candidate)
+        note = f" (exists, but is not {'/'.join(SUFFIXES)})" if candidate.exists() else ""
+        tried.append(f"{candidate}{note}")
+    registry, registry_path = _load_registry(base), base / REGISTRY
+    if spec in registry:
+        return _from_entry(spec, registry[spec], base, registry_path)
+    if _HUB_ID.match(spec) and Path(spec).suffix.lower() not in SUFFIXES:
+        return _Resolved(spec, FormatSpec(), hub={"id": spec, "subset": None, "split": "train", "revision": None})
+    if registry:
+        close = difflib.get_close_matches(spec, list(registry), n=1)
+        hint = f"not registered in {registry_path}" + (f" (did you mean '{close[0]}'?)" if close else "")
+    else:
+        hint = f"no {registry_path} to look it up in"
+    raise DpoLeanError(f"dataset '{spec}' not found: tried {', '.join(tried)}; {hint}; use a "
+                       f"{'/'.join(SUFFIXES)} file, a name registered in {REGISTRY} or a hub id org/name")
+
+
+def _load_registry(base: Path) -> dict:
+    """dataset_dir/dataset_info.json as a dict ({} if there is none)."""
+    path = base / REGISTRY
+    if not path.is_file():
+        return {}
+    try:
+        registry = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise DpoLeanError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}); fix the file") from None
+    except UnicodeDecodeError:
+        raise DpoLeanError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    if not isinstance(registry, dict):
+        raise DpoLeanError(f"{path}: expected an object mapping dataset names to entries; fix the file")
+    return registry
+
+
+def _from_entry(name: str, entry: Any, base: Path, registry_path: Path) -> _Resolved:
+    """A registered entry: file_name (must stay inside dataset_dir) or hf_hub_url."""
+    where = f"{registry_path}: entry '{name}'"
+    if not isinstance(entry, dict):
+        raise DpoLeanError(f"{where} is not an object; write it as {{\"file_name\": ..., \"formatting\": ...}}")
+    fmt = FormatSpec.from_entry(name, entry, str(registry_path))
+    if entry.get("file_name"):
+        return _Resolved(name, fmt, path=_registered_file(str(entry["file_name"]), base, where))
+    if entry.get("hf_hub_url"):
+        hub = {"id": str(entry["hf_hub_url"]), "subset": entry.get("subset"),
+               "split": entry.get("split") or "train", "revision": entry.get("revision")}
+        return _Resolved(name, fmt, hub=hub)
+    raise DpoLeanError(f"{where} has no file_name or hf_hub_url (other sources such as ms_hub_url or "
+                       "script_url are not supported); add a file_name inside the dataset_dir")
+
+
+def _registered_file(file_name: str, base: Path, where: str) -> Path:
+    """dataset_dir/file_name, refusing anything that resolves (via .. , absolute path or symlink) outside it."""
+    path = base / file_name
+    if not path.resolve().is_relative_to(base.resolve()):
+        raise DpoLeanError(f"{where}: file_name '{file_name}' resolves to {path.resolve()}, outside {base}; "
+                           f"move or copy the file into {base}")
+    if not path.is_file():
+        raise DpoLeanError(f"{where}: file_name '{file_name}' not found at {path} (dpo-lean reads single files); fix file_name")
+    if path.suffix.lower() not in SUFFIXES:
+        raise DpoLeanError(f"{where}: file_name '{file_name}' is not {'/'.join(SUFFIXES)}; convert it to one of those")
+    return path
+
+
+# --- reading rows -------------------------------------------------------------------------------
+
+def _read_file(path: Path, max_samples: int | None) -> Rows:
+    """The first ``max_samples`` rows of a local file with their locations."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows = _parquet_rows(path)
+    elif suffix == ".csv":
+        rows = _csv_rows(path)
+    else:
+        data = path.read_bytes()
+        if suffix == ".json" and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            rows = _json_array_rows(path, _decode(data, path))
+        else:
+            rows = _jsonl_rows(path, data)
+    return list(islice(rows, max_samples))
+
+
+def _decode(data: bytes, path: Path) -> str:
+    """UTF-8 (BOM allowed) text, or a DpoLeanError naming the line of the first bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DpoLeanError(f"{path} line {line}: not valid UTF-8; re-save the file as UTF-8") from None
+
+
+def _jsonl_rows(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+    """One JSON value per non-blank line."""
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise DpoLeanError(f"{path} line {number}: not valid UTF-8; re-save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            hint = ("; a .json file must hold one JSON array of objects or one object per line"
+                    if path.suffix.lower() == ".json" else "; fix or remove that line")
+            raise DpoLeanError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
+        yield f"{path} line {number}", value
+
+
+def _json_array_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    """The elements of a top-level JSON array, each located by the line it starts on."""
+    decoder = json.JSONDecoder()
+    pos = _JSON_SPACE.match(text, text.index("[") + 1).end()
+    line, counted = 1, 0
+    if text.startswith("]", pos):
+        _json_end(text, pos + 1, path)
+        return
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DpoLeanError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); fix the file") from None
+        line += text.count("\n", counted, pos)
+        counted = pos
+        yield f"{path} line {line}", value
+        pos = _JSON_SPACE.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = _JSON_SPACE.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            _json_end(text, pos + 1, path)
+            return
+        else:
+            raise DpoLeanError(f"{path} line {text.count(chr(10), 0, pos) + 1}: not valid JSON "
+                               "(expected ',' or ']' after an array element); fix the file")
+
+
+def _json_end(text: str, pos: int, path: Path) -> None:
+    """Check nothing but whitespace follows the closing ']'."""
+    pos = _JSON_SPACE.match(text, pos).end()
+    if pos != len(text):
+        raise DpoLeanError(f"{path} line {text.count(chr(10), 0, pos) + 1}: not valid JSON "
+                           "(extra data after the closing ']'); fix the file")
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """Parquet rows as dicts, batch by batch."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise DpoLeanError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {_first_line(exc)}); "
+                           "check the file") from None
+    index = 0
+    for batch in table.to_batches():
+        for row in batch.to_pylist():
+            yield f"{path} row {index}", row
+            index += 1
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """CSV rows as {header: string} dicts, each located by the line it starts on."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        start = 2
+        try:
+            for row in reader:
+                row.pop(None, None)  # cells beyond the header
+                yield f"{path} line {start}", row
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise DpoLeanError(f"{path} line {reader.line_num}: not valid CSV ({exc}); fix the file") from None
+        except UnicodeDecodeError:
+            raise DpoLeanError(f"{path} near line {reader.line_num + 1}: not valid UTF-8; re-save the file as UTF-8") from None
+
+
+def _read_hub(resolved: _Resolved, max_samples: int | None) -> tuple[Rows, str]:
+    """Rows of a hub dataset via datasets.load_dataset, and ``id@revision`` as its fingerprint."""
+    import datasets
+
+    hub = resolved.hub
+    kwargs = {"split": hub["split"]} | ({"revision": hub["revision"]} if hub["revision"] else {})
+    try:
+        ds = datasets.load_dataset(hub["id"], hub["subset"], **kwargs)
+        rows = [(f"{resolved.name} row {i}", row) for i, row in enumerate(islice(iter(ds), max_samples))]
+    except Exception as exc:  # network, auth, missing repo or split: all become one line
+        raise DpoLeanError(f"dataset '{resolved.name}': could not load '{hub['id']}' from the Hugging Face Hub "
+                           f"({type(exc).__name__}: {_first_line(exc)}); it is not a local file or registered name "
+                           "either; check the id, split, network and HF_TOKEN, or download it and pass the file") from None
+    revision = hub["revision"] or getattr(ds, "_fingerprint", None) or "unknown"
+    return rows, f"{hub['id']}@{revision}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,92 @@
+"""Records -> token ids: the one tokenisation path that precompute and train both use.
+
+A completion is the token suffix of the rendered full conversation after the rendered prompt (with its
+generation prompt), split where the two diverge, exactly as TRL's DPOTrainer does. Then ``cutoff_len``
+bounds prompt + completion for each of chosen and rejected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .records import Record, Skip
+
+
+@dataclass
+class TokenizedRow:
+    row_index: int
+    id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longer of the two sequences (what padding a batch is sized by)."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def render_ids(tokenizer, messages: list[dict], chat_template: str, add_generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` rendered with ``chat_template`` (special tokens come from the template only)."""
+    out = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+        tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def split_completions(tokenizer, record: Record, chat_template: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) before truncation."""
+    prompt = render_ids(tokenizer, record.prompt, chat_template, add_generation_prompt=True)
+    full_chosen = render_ids(tokenizer, record.prompt + record.chosen, chat_template, add_generation_prompt=False)
+    full_rejected = render_ids(tokenizer, record.prompt + record.rejected, chat_template, add_generation_prompt=False)
+    # A template may render the prompt alone differently (or tokens may merge across the boundary):
+    # the completion starts where the renderings diverge.
+    n = min(common_prefix_length(prompt, full_chosen), common_prefix_length(prompt, full_rejected))
+    return prompt[:n], full_chosen[n:], full_rejected[n:]
+
+
+def truncate(prompt: list[int], chosen: list[int], rejected: list[int], cutoff_len: int, mode: str):
+    """Fit prompt + completion into ``cutoff_len`` for both completions; return the three lists or None.
+
+    keep_end (default): when the pair does not fit, the prompt keeps its last
+    ``max(cutoff_len - longest_completion, cutoff_len // 2)`` tokens (never more than it has), and the
+    completions are cut at their end to what is left.
+    keep_start (TRL's default): the prompt is kept whole and the completions cut at their end; a prompt
+    that alone fills ``cutoff_len`` leaves no completion token, so the row is skipped (None).
+    """
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= cutoff_len:
+        return prompt, chosen, rejected
+    if mode == "keep_start":
+        if len(prompt) >= cutoff_len:
+            return None
+        keep = len(prompt)
+    else:
+        keep = min(len(prompt), max(cutoff_len - longest, cutoff_len // 2))
+    budget = cutoff_len - keep
+    return prompt[len(prompt) - keep:], chosen[:budget], rejected[:budget]
+
+
+def tokenize_record(record: Record, tokenizer, chat_template: str, cutoff_len: int,
+                    truncation_mode: str) -> TokenizedRow | Skip:
+    prompt, chosen, rejected = split_completions(tokenizer, record, chat_template)
+    fitted = truncate(prompt, chosen, rejected, cutoff_len, truncation_mode)
+    if fitted is None:
+        return Skip(record.row_index, record.location or record.source, "prompt_too_long",
+                    f"prompt has {len(prompt)} tokens, cutoff_len is {cutoff_len}")
+    p, c, r = fitted
+    if c == r:
+        return Skip(record.row_index, record.location or record.source, "identical_after_truncation",
+                    f"chosen and rejected agree on their first {len(c)} tokens")
+    truncated = (len(p), len(c), len(r)) != (len(prompt), len(chosen), len(rejected))
+    return TokenizedRow(record.row_index, record.id, p, c, r, truncated)
