@@ -1,0 +1,105 @@
+"""Per-sequence log-probs from final hidden states, in chunks, at completion positions only.
+
+    logp(y | x) = sum_{t in completion} [ h_{t-1} . W[y_t]  -  logsumexp_v(h_{t-1} . W[v]) ]
+
+h are the final hidden states, W the output head ([vocab, hidden]). A [batch, seq, vocab] logits
+tensor never exists: only completion positions are scored, ``chunk_size`` positions at a time, and
+the backward pass recomputes each chunk's logits instead of keeping them, so at most one chunk of
+logits is alive in the forward and in the backward. Log-sum-exp runs in float32.
+
+Precompute and train both call :func:`batch_logps`, so the reference and the policy are scored by
+the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOGITS_BUDGET_ELEMENTS = 2**25  # one chunk of float32 logits: 128 MB
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    return max(1, LOGITS_BUDGET_ELEMENTS // vocab_size)
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = hidden.to(weight.dtype) @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return logits.float()
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """token_logps[i] = log_softmax(hidden[i] @ W.T + b)[targets[i]], chunk by chunk.
+
+    Backward: d token_logp_i / d logits_i = onehot(target_i) - softmax(logits_i), so
+    grad_hidden = (g * (onehot - p)) @ W and grad_W = (g * (onehot - p)).T @ hidden, recomputed per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk_size):
+            logits = _chunk_logits(hidden[s:s + chunk_size], weight, bias)
+            tgt = targets[s:s + chunk_size]
+            out[s:s + chunk_size] = logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            h = hidden[s:s + ctx.chunk_size]
+            d = -torch.softmax(_chunk_logits(h, weight, bias), dim=-1)
+            d.scatter_add_(1, targets[s:s + ctx.chunk_size, None], torch.ones_like(d[:, :1]))
+            d *= grad_out[s:s + ctx.chunk_size, None]
+            if need_h:
+                grad_h[s:s + ctx.chunk_size] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += d.t() @ h.float()
+            if need_b:
+                grad_b += d.sum(0)
+        return (grad_h,
+                grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None,
+                None, None)
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                bias: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) for flat [N, H] hidden states, float32 [N]."""
+    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size)
+
+
+def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                   completion_mask: torch.Tensor, bias: torch.Tensor | None = None,
+                   chunk_size: int | None = None) -> torch.Tensor:
+    """Summed completion log-prob per sequence, float32 [B].
+
+    hidden [B, T, H] are the final hidden states; completion_mask [B, T] is 1 at completion tokens
+    (prompt and padding 0). Position t-1 predicts token t, so only positions whose next token is a
+    completion token are scored.
+    """
+    scored = completion_mask[:, 1:].bool()
+    rows = torch.nonzero(scored, as_tuple=True)[0]
+    flat_logps = token_logps(hidden[:, :-1][scored], weight, input_ids[:, 1:][scored], bias, chunk_size)
+    return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, flat_logps)
+
+
+def batch_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
+    """Run ``model`` (whose output head is deferred, see modeling.defer_output_head) and score the batch.
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``completion_mask`` ([2B, T]); the result is [2B].
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    head = model.get_output_embeddings().head
+    return sequence_logps(out.logits, head.weight, batch["input_ids"], batch["completion_mask"],
+                          bias=head.bias, chunk_size=chunk_size)
