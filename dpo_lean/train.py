@@ -1,0 +1,281 @@
+"""Phase 2: train the LoRA policy against the reference cache, on transformers' Trainer.
+
+    rows   = prepare_data(config)                        # the same tokenisation as precompute
+    ref    = verified cache, joined to rows by id        # refuses a stale or incomplete cache
+    policy = 4-bit (or plain) base + LoRA                # no reference model, ever
+    per batch:  pi_w, pi_l = batch_logps(policy, batch)  # the same log-prob function as precompute
+                loss = preference_loss(pi_w, pi_l, ref_w, ref_l, ...)
+    Trainer does accumulation, schedule, clipping, checkpoints, resume, logging, trackers.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+
+from . import cache, modeling
+from .config import Config, require
+from .data.collate import collate_pairs
+from .data.pipeline import prepare_data, skip_summary, write_skip_report
+from .data.tokenize import TokenizedRow
+from .errors import DpoLeanError
+from .logprobs import batch_logps
+from .losses import preference_loss, reward_stats
+from .measure import peak_memory_gb
+from .sampling import LengthGroupedSampler
+
+# ---------------------------------------------------------------- the cache join
+
+
+def load_reference(config: Config, fingerprint: dict, rows: list[TokenizedRow]) -> dict[str, tuple[float, float]]:
+    """id -> (ref_chosen_logps, ref_rejected_logps) for every row, after checking the cache is the right one."""
+    cache_dir = config.resolved_ref_cache_dir
+    rebuild = "rebuild it with `dpo-lean precompute CONFIG.yaml overwrite_cache=true`"
+    if not (Path(cache_dir) / cache.MANIFEST).exists():
+        raise DpoLeanError(f"no reference cache at {cache_dir}; run `dpo-lean precompute CONFIG.yaml` first "
+                           "(or set ref_cache_dir)")
+    state = cache.scan(cache_dir)
+    diffs = cache.fingerprint_diff(state.manifest["fingerprint"], fingerprint)
+    if diffs:
+        raise DpoLeanError(f"cache {cache_dir} does not match this run: {'; '.join(diffs)}; {rebuild}")
+    if state.problems:
+        raise DpoLeanError(f"cache {cache_dir} is damaged: {'; '.join(state.problems)}; "
+                           "rerun `dpo-lean precompute CONFIG.yaml` to repair it")
+    table = state.table.to_pydict()
+    by_id = {i: k for k, i in enumerate(table["id"])}
+    missing = [r for r in rows if r.id not in by_id]
+    if missing:
+        raise DpoLeanError(f"{len(missing)} of {len(rows)} training rows have no reference log-probs in {cache_dir} "
+                           f"(first: row {missing[0].row_index}); rerun `dpo-lean precompute CONFIG.yaml` to finish it")
+    ref = {}
+    for r in rows:
+        k = by_id[r.id]
+        counts = (table["prompt_tokens"][k], table["chosen_tokens"][k], table["rejected_tokens"][k])
+        if counts != (len(r.prompt_ids), len(r.chosen_ids), len(r.rejected_ids)):
+            raise DpoLeanError(f"cache {cache_dir}: row {r.row_index} was cached with token counts {counts}, "
+                               f"but tokenises to {(len(r.prompt_ids), len(r.chosen_ids), len(r.rejected_ids))}; "
+                               f"{rebuild}")
+        ref[r.id] = (table["ref_chosen_logps"][k], table["ref_rejected_logps"][k])
+    return ref
+
+
+def split_rows(rows: list[TokenizedRow], val_size: float, seed: int) -> tuple[list, list]:
+    """Held-out rows chosen by seed: ``val_size`` < 1 is a share, >= 1 a count."""
+    if not val_size:
+        return rows, []
+    n_val = int(val_size) if val_size >= 1 else max(1, round(val_size * len(rows)))
+    if n_val >= len(rows):
+        raise DpoLeanError(f"config key 'val_size': {val_size} leaves no training rows ({len(rows)} rows kept)")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def to_dataset(rows: list[TokenizedRow], ref: dict):
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "row_index": [r.row_index for r in rows],
+        "prompt_ids": [r.prompt_ids for r in rows],
+        "chosen_ids": [r.chosen_ids for r in rows],
+        "rejected_ids": [r.rejected_ids for r in rows],
+        "ref_chosen_logps": [ref[r.id][0] for r in rows],
+        "ref_rejected_logps": [ref[r.id][1] for r in rows],
+        "length": [r.length for r in rows],
+    })
+
+
+@dataclass
+class PairCollator:
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate_pairs([f["prompt_ids"] for f in features], [f["chosen_ids"] for f in features],
+                              [f["rejected_ids"] for f in features], self.pad_id)
+        batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features], dtype=torch.float32)
+        batch["chosen_tokens"] = torch.tensor([len(f["chosen_ids"]) for f in features], dtype=torch.float32)
+        batch["rejected_tokens"] = torch.tensor([len(f["rejected_ids"]) for f in features], dtype=torch.float32)
+        batch["row_index"] = torch.tensor([f["row_index"] for f in features], dtype=torch.long)
+        return batch
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class DPOLeanTrainer(Trainer):
+        """Trainer whose loss is the preference loss against cached reference log-probs; TRL's metric names."""
+
+        def __init__(self, *args, dpo: Config, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.dpo = dpo
+            self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean: Trainer scales for accumulation
+            self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+            self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
+            self.train_tokens = 0  # non-padding tokens trained on in this process's run (all ranks summed)
+
+        def _get_train_sampler(self, train_dataset=None):
+            if not self.dpo.group_by_length:
+                return super()._get_train_sampler(train_dataset)
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return LengthGroupedSampler(dataset["length"], self.args.per_device_train_batch_size, self.args.seed)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            c = self.dpo
+            logps = batch_logps(model, inputs, c.logprob_chunk_size)
+            n = inputs["ref_chosen_logps"].shape[0]
+            pi_w, pi_l = logps[:n], logps[n:]
+            ref_w, ref_l = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            losses = preference_loss(pi_w, pi_l, ref_w, ref_l, inputs["chosen_tokens"], inputs["rejected_tokens"],
+                                     loss_type=c.pref_loss, beta=c.pref_beta, label_smoothing=c.dpo_label_smoothing,
+                                     ftx=c.pref_ftx)
+            loss = losses.mean()
+            self._record(model.training, pi_w, pi_l, ref_w, ref_l, inputs["attention_mask"])
+            return (loss, {"logps": logps.detach()}) if return_outputs else loss
+
+        def _record(self, training, pi_w, pi_l, ref_w, ref_l, attention_mask):
+            mode = "train" if training else "eval"
+            stats = reward_stats(pi_w, pi_l, ref_w, ref_l, self.dpo.pref_beta)
+            stats["logps/chosen"], stats["logps/rejected"] = pi_w.detach(), pi_l.detach()
+            for key, values in stats.items():
+                self._metrics[mode][key].append(self.accelerator.gather_for_metrics(values).mean().item())
+            if training:
+                tokens = int(self.accelerator.gather_for_metrics(attention_mask.sum()).sum())
+                self._tokens_since_log += tokens
+                self.train_tokens += tokens
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+
+        def log(self, logs: dict, start_time: float | None = None) -> None:
+            mode = "train" if "loss" in logs else "eval"
+            prefix = "" if mode == "train" else "eval_"
+            for key, values in self._metrics[mode].items():
+                if values:
+                    logs[prefix + key] = sum(values) / len(values)
+            self._metrics[mode].clear()
+            if mode == "train":
+                now = time.perf_counter()
+                logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
+                logs["peak_memory_gb"] = round(peak_memory_gb(self.args.device), 3)
+                self._tokens_since_log, self._last_log_time = 0, now
+            super().log(logs, start_time)
+
+    return DPOLeanTrainer
+
+
+def training_arguments(config: Config, has_eval: bool):
+    from transformers import TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    if config.optim not in {o.value for o in OptimizerNames}:
+        import difflib
+
+        close = difflib.get_close_matches(config.optim, [o.value for o in OptimizerNames], n=1)
+        raise DpoLeanError(f"config key 'optim': {config.optim!r} is not a transformers optimizer"
+                           + (f"; did you mean '{close[0]}'?" if close else ""))
+    cuda = modeling.device().type == "cuda"
+    eval_strategy = config.eval_strategy or ("steps" if has_eval else "no")
+    if eval_strategy != "no" and not has_eval:
+        raise DpoLeanError(f"config key 'eval_strategy': {eval_strategy} needs held-out rows; set val_size")
+    report_to = [t.strip() for t in config.report_to.split(",") if t.strip() and t.strip() != "none"] or "none"
+    return TrainingArguments(
+        output_dir=config.output_dir, seed=config.seed, use_cpu=not cuda,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps or config.warmup_ratio, weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm, optim=config.optim, adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
+        bf16=config.bf16 and cuda, fp16=config.fp16 and cuda,
+        train_sampling_strategy="random",  # group_by_length: DPOLeanTrainer uses its own seeded sampler
+        logging_steps=config.logging_steps, logging_first_step=True,
+        save_strategy=config.save_strategy, save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        save_only_model=config.save_only_model,
+        eval_strategy=eval_strategy, eval_steps=config.eval_steps or config.logging_steps,
+        eval_on_start=config.eval_on_start and has_eval,
+        report_to=report_to, run_name=config.run_name, dataloader_num_workers=config.dataloader_num_workers,
+        ddp_timeout=config.ddp_timeout, deepspeed=config.deepspeed,
+        remove_unused_columns=False, ddp_find_unused_parameters=False,
+    )
+
+
+def resume_target(config: Config) -> str | bool | None:
+    """What Trainer.train(resume_from_checkpoint=...) gets: True = latest in output_dir, a path, or None."""
+    target = config.resume_from_checkpoint
+    if target in (None, False, ""):
+        return None
+    if target is True or str(target).lower() == "true":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if not Path(config.output_dir).is_dir() or get_last_checkpoint(config.output_dir) is None:
+            raise DpoLeanError(f"config key 'resume_from_checkpoint': true, but {config.output_dir} holds no "
+                               "checkpoint-* folder; set it to null to start fresh")
+        return True
+    if not Path(target).is_dir():
+        raise DpoLeanError(f"config key 'resume_from_checkpoint': {target!r} is not a checkpoint folder")
+    return str(target)
+
+
+# ---------------------------------------------------------------- the procedure
+
+
+def prepare_run(config: Config):
+    """Tokenizer, data and verified reference: everything train needs before it loads the policy."""
+    require(config, "model_name_or_path", "dataset")
+    if config.eval_dataset:
+        raise DpoLeanError("config key 'eval_dataset' is not supported yet; hold rows out of the cached "
+                           "dataset with val_size instead")
+    tokenizer = modeling.load_tokenizer(config)
+    data = prepare_data(config, tokenizer)
+    fingerprint = cache.build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
+    ref = load_reference(config, fingerprint, data.rows)
+    return tokenizer, data, fingerprint, ref
+
+
+def run_train(config: Config) -> dict:
+    from .reporting import MetricsWriter
+
+    tokenizer, data, fingerprint, ref = prepare_run(config)
+    click.echo(f"data: {skip_summary(data)}")
+    if data.skips:
+        click.echo(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
+    train_rows, eval_rows = split_rows(data.rows, config.val_size, config.seed)
+    click.echo(f"train: {len(train_rows)} pairs" + (f", eval: {len(eval_rows)} pairs" if eval_rows else "")
+               + f"; reference log-probs from {config.resolved_ref_cache_dir}")
+    args = training_arguments(config, bool(eval_rows))
+    resume = resume_target(config)
+    model = modeling.prepare_policy(config)
+    summary_extra = {"config": config.to_dict(), "cache_fingerprint": fingerprint,
+                     "rows": {"train": len(train_rows), "eval": len(eval_rows), "skipped": len(data.skips)}}
+    writer = MetricsWriter(config.metrics_dir, plot=config.plot_loss, extra_summary=lambda: summary_extra)
+    trainer = _trainer_class()(
+        model=model, args=args, dpo=config, data_collator=PairCollator(tokenizer.pad_token_id),
+        train_dataset=to_dataset(train_rows, ref), eval_dataset=to_dataset(eval_rows, ref) if eval_rows else None,
+        processing_class=tokenizer, callbacks=[writer])
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    summary_extra["train_tokens_per_second"] = round(trainer.train_tokens / max(seconds, 1e-9), 1)
+    summary_extra["peak_memory_gb"] = round(peak_memory_gb(args.device), 3)
+    final_eval = trainer.evaluate() if eval_rows else {}
+    trainer.save_model(config.output_dir)
+    writer.on_train_end(args, trainer.state, trainer.control)  # again, now with the final eval and speed
+    click.echo(f"adapter saved to {config.output_dir}; metrics in {config.metrics_dir}")
+    return {"train": result.metrics, "eval": final_eval}
+
