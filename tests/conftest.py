@@ -1,0 +1,46 @@
+"""Shared test fixtures: the committed tiny model, demo data and reference cache (tests/fixtures)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+SHARED_DEMO = ROOT.parent / "shared" / "data" / "dpo_en_demo.json"
+sys.path.insert(0, str(ROOT / "tools"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from make_fixtures import fixture_config  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Factory: the fixture config with output in tmp_path and a private copy of the reference cache."""
+    from dpo_lean.config import from_dict
+
+    def make(copy_cache: bool = True, **overrides):
+        raw = fixture_config(FIXTURES)
+        raw["output_dir"] = str(tmp_path / "output")
+        if copy_cache:
+            cache = tmp_path / "ref_cache"
+            if not cache.exists():
+                shutil.copytree(FIXTURES / "demo" / "ref_cache", cache)
+            raw["ref_cache_dir"] = str(cache)
+        raw.update(overrides)
+        return from_dict(raw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(FIXTURES / "tiny-model")

@@ -1,0 +1,204 @@
+"""Phase 2: step-0 loss, the cache join's refusals, resume after SIGKILL, outputs, adapter and export."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from conftest import FIXTURES
+
+from dpo_lean import modeling, train
+from dpo_lean.errors import DpoLeanError
+from dpo_lean.tiny import build_tokenizer, write_tiny_model
+
+SHORT = dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, num_train_epochs=2.0, learning_rate=5e-3,
+             pref_beta=0.5, lora_rank=8, logging_steps=4, save_steps=8, val_size=16, eval_steps=8,
+             eval_on_start=True, lr_scheduler_type="linear")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short training run on the fixture data (48 train / 16 eval pairs, 24 steps), shared by several tests."""
+    from make_fixtures import fixture_config
+
+    from dpo_lean.config import from_dict
+    raw = {**fixture_config(FIXTURES), **SHORT, "output_dir": str(tmp_path_factory.mktemp("run") / "out")}
+    config = from_dict(raw)
+    result = train.run_train(config)
+    history = json.loads((config.metrics_dir / "log_history.json").read_text())
+    return config, result, history
+
+
+def test_step_0_loss_is_ln2(trained):
+    _, _, history = trained
+    first_train = next(h for h in history if "loss" in h)
+    first_eval = next(h for h in history if "eval_loss" in h)
+    assert first_train["step"] == 1 and abs(first_train["loss"] - math.log(2)) < 1e-3
+    assert first_eval["step"] == 0 and abs(first_eval["eval_loss"] - math.log(2)) < 1e-3
+    assert abs(first_eval["eval_rewards/margins"]) < 1e-3 and first_train["rewards/accuracies"] == pytest.approx(0.5, abs=0.13)
+
+
+def test_training_lowers_the_loss_and_evals_do_not_break_it(trained):
+    _, _, history = trained
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    assert len(evals) >= 4  # start, steps 8, 16, 24 (+ the final evaluate): 4-bit CPU model survives evals
+    assert losses[-1] < losses[0] - 0.1  # training goes on lowering the loss across the evals
+    assert all(math.isfinite(x) for x in losses + [e["eval_loss"] for e in evals])
+
+
+def test_logged_metrics_use_trl_names(trained):
+    _, _, history = trained
+    train_log = [h for h in history if "loss" in h][-1]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "learning_rate", "grad_norm", "epoch", "tokens_per_second", "peak_memory_gb"):
+        assert key in train_log, key
+    assert train_log["tokens_per_second"] > 0 and train_log["peak_memory_gb"] > 0
+    assert train_log["rewards/margins"] == pytest.approx(train_log["rewards/chosen"] - train_log["rewards/rejected"], abs=1e-5)
+
+
+def test_output_files(trained):
+    config, _, history = trained
+    out = config.metrics_dir
+    csv_lines = (out / "training_metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("split,step,epoch,loss,rewards/chosen")
+    assert len(csv_lines) - 1 == sum(1 for h in history if "loss" in h or "eval_loss" in h)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["pref_beta"] == 0.5 and summary["cache_fingerprint"]["cutoff_len"] == 128
+    assert summary["final"]["loss"] == [h for h in history if "loss" in h][-1]["loss"]
+    assert summary["final_eval"]["rewards/accuracies"] == [h for h in history if "eval_loss" in h][-1]["eval_rewards/accuracies"]
+    assert summary["train_tokens_per_second"] > 0 and summary["runtime_seconds"] > 0
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adapter_loads_with_peft_and_export_matches(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dpo_lean.data.collate import collate_pairs
+    from dpo_lean.export import run_export
+    from dpo_lean.logprobs import batch_logps
+
+    config, _, _ = trained
+    assert (tmp := config.output_dir) and (FIXTURES / "tiny-model").is_dir()
+    base = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, tmp)
+    assert any(p.abs().sum() > 0 for n, p in with_adapter.named_parameters() if "lora_B" in n)  # it learned
+
+    config.export_dir = str(tmp_path / "merged")
+    run_export(config)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    batch = collate_pairs([[1, 50, 60, 70]], [[90, 100, 2]], [[200, 2]], pad_id=0)
+    scores = []
+    for model in (with_adapter, merged):
+        modeling.defer_output_head(model)
+        with modeling.inference(model):
+            scores.append(batch_logps(model, batch))
+    torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=1e-4)
+
+
+def test_training_never_loads_a_reference(tiny_config, monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("train loaded a reference model")
+    monkeypatch.setattr(modeling, "prepare_reference", forbidden)
+    train.run_train(tiny_config(max_steps=1, save_strategy="no"))
+
+
+# ---------------------------------------------------------------- the cache join refuses what does not match
+
+
+def _other_model(tmp_path):
+    return str(write_tiny_model(tmp_path / "other", seed=1))
+
+
+def _other_tokenizer(tmp_path):
+    d = tmp_path / "tok"
+    shutil.copytree(FIXTURES / "tiny-model", d)
+    tok = build_tokenizer(vocab_size=700)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.parametrize("field, overrides", [
+    ("model.weights_sha256", lambda p: {"model_name_or_path": _other_model(p)}),
+    ("tokenizer_sha256", lambda p: {"model_name_or_path": _other_tokenizer(p)}),
+    ("template", lambda p: {"template": "plain"}),
+    ("cutoff_len", lambda p: {"cutoff_len": 96}),
+    ("truncation_mode", lambda p: {"truncation_mode": "keep_start"}),
+    ("dataset.content_sha256", lambda p: {"max_samples": 40}),
+    ("reference.precision", lambda p: {"ref_precision": "fp32"}),
+])
+def test_refuses_a_cache_built_for_something_else(field, overrides, tiny_config, tmp_path):
+    with pytest.raises(DpoLeanError) as err:
+        train.prepare_run(tiny_config(**overrides(tmp_path)))
+    message = str(err.value)
+    assert f"{field}:" in message and "dpo-lean precompute" in message and "\n" not in message
+
+
+def test_rows_missing_from_the_cache_are_counted(tiny_config):
+    config = tiny_config()
+    next(config.resolved_ref_cache_dir.glob("part-*.parquet")).unlink()
+    with pytest.raises(DpoLeanError, match=r"16 of 64 training rows have no reference log-probs"):
+        train.prepare_run(config)
+
+
+def test_no_cache_says_run_precompute(tiny_config, tmp_path):
+    with pytest.raises(DpoLeanError, match="run `dpo-lean precompute"):
+        train.prepare_run(tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "none")))
+
+
+def test_resume_needs_a_checkpoint(tiny_config):
+    with pytest.raises(DpoLeanError, match="no checkpoint"):
+        train.run_train(tiny_config(resume_from_checkpoint=True))
+
+
+# ---------------------------------------------------------------- resume after SIGKILL
+
+
+KILL_TRAINING = textwrap.dedent("""
+    import os, signal, sys
+    import transformers
+    original = transformers.Trainer.training_step
+    calls = 0
+    def step(self, *args, **kwargs):
+        global calls
+        calls += 1
+        if calls == {n}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+    transformers.Trainer.training_step = step
+    from dpo_lean.cli import main
+    sys.argv = ["dpo-lean", "train", {config!r}]
+    main()
+""")
+
+
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_config, tmp_path):
+    overrides = dict(SHORT, eval_on_start=False, save_total_limit=2)
+    straight = tiny_config(**overrides, output_dir=str(tmp_path / "straight"))
+    train.run_train(straight)
+    expected = json.loads((straight.metrics_dir / "summary.json").read_text())
+
+    config = tiny_config(**overrides, output_dir=str(tmp_path / "killed"))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    proc = subprocess.run([sys.executable, "-c", KILL_TRAINING.format(n=19, config=str(path))],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-8"]
+
+    config.resume_from_checkpoint = True
+    train.run_train(config)
+    got = json.loads((config.metrics_dir / "summary.json").read_text())
+    assert got["global_step"] == expected["global_step"] == 24
+    for section in ("final", "final_eval"):
+        for key, value in expected[section].items():
+            if key.startswith(("rewards/", "logps/", "loss", "grad_norm", "learning_rate")):
+                assert got[section][key] == pytest.approx(value, abs=1e-4), (section, key)
