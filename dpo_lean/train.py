@@ -192,6 +192,7 @@ def training_arguments(config: Config, has_eval: bool):
     if eval_strategy != "no" and not has_eval:
         raise DpoLeanError(f"config key 'eval_strategy': {eval_strategy} needs held-out rows; set val_size")
     report_to = [t.strip() for t in config.report_to.split(",") if t.strip() and t.strip() != "none"] or "none"
+    _check_trackers(report_to)
     return TrainingArguments(
         output_dir=config.output_dir, seed=config.seed, use_cpu=not cuda,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -213,6 +214,16 @@ def training_arguments(config: Config, has_eval: bool):
         ddp_timeout=config.ddp_timeout, deepspeed=config.deepspeed,
         remove_unused_columns=False, ddp_find_unused_parameters=False,
     )
+
+
+def _check_trackers(report_to) -> None:
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for tracker in [] if report_to == "none" else report_to:
+        if tracker in available and not available[tracker]():
+            raise DpoLeanError(f"config key 'report_to': {tracker} is not installed; `pip install {tracker}` "
+                               "or set report_to: none")
 
 
 def resume_target(config: Config) -> str | bool | None:

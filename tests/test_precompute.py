@@ -197,3 +197,25 @@ def test_full_precision_reference_is_its_own_fingerprint(fresh):
     manifest = cache.read_manifest(fresh().resolved_ref_cache_dir)
     assert summary["complete"] and manifest["fingerprint"]["reference"] == {
         "precision": "fp32", "quantization": None, "dtype": "float32"}
+
+
+def test_out_of_memory_batch_is_retried_at_half_size(tiny_config, monkeypatch):
+    """A CUDA out-of-memory error on a batch splits it in halves; the values come out in the same order."""
+    import dpo_lean.precompute as pre
+
+    config = tiny_config()
+    rows = prepare_data(config, modeling.load_tokenizer(config)).rows[:8]
+    model = modeling.prepare_reference(config)
+    whole = pre.score_batch(model, rows, 0, None, torch.device("cpu"), torch.float32)
+    real, sizes = pre.batch_logps, []
+
+    def small_batches_only(model, batch, chunk_size=None):
+        sizes.append(batch["input_ids"].shape[0] // 2)
+        if sizes[-1] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, batch, chunk_size)
+
+    monkeypatch.setattr(pre, "batch_logps", small_batches_only)
+    split = pre.score_batch(model, rows, 0, None, torch.device("cpu"), torch.float32)
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)

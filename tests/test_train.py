@@ -202,3 +202,27 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_config, tmp_pat
         for key, value in expected[section].items():
             if key.startswith(("rewards/", "logps/", "loss", "grad_norm", "learning_rate")):
                 assert got[section][key] == pytest.approx(value, abs=1e-4), (section, key)
+
+
+# ---------------------------------------------------------------- trackers
+
+
+def test_tensorboard_gets_the_trl_metrics(tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(report_to="tensorboard", max_steps=2, logging_steps=1, save_strategy="no")
+    train.run_train(config)
+    events = list((tmp_path / "output" / "runs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/rewards/accuracies", "train/rewards/margins"} <= set(tags)
+
+
+def test_a_tracker_that_is_not_installed_is_a_one_line_error(tiny_config, monkeypatch):
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "is_wandb_available", lambda: False)
+    with pytest.raises(DpoLeanError, match=r"report_to.*wandb is not installed.*pip install wandb"):
+        train.training_arguments(tiny_config(report_to="wandb"), has_eval=False)
