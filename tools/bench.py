@@ -103,7 +103,8 @@ def worker(name: str, raw: dict) -> None:
 
 
 def spawn(name: str, raw: dict) -> dict:
-    code = f"import sys, json; sys.path.insert(0, {str(ROOT / 'tools')!r}); import bench; bench.worker({name!r}, json.loads(sys.argv[1]))"
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'tools')!r}); import bench; "
+            f"bench.worker({name!r}, json.loads(sys.argv[1]))")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(raw)], capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
