@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,10 +32,13 @@ SCHEDULERS = (
 
 
 def _key(default, help: str, *, group: str, choices=None, min=None, max=None, min_exclusive=False,
-         max_exclusive=False, compat: bool = False):
-    """A config key: default, one-line meaning, and the rules its value must satisfy."""
+         max_exclusive=False, compat: bool = False, comma_list: bool = False):
+    """A config key: default, one-line meaning, and the rules its value must satisfy.
+
+    ``comma_list``: the value itself is a comma-separated list (so `dpo-lean sweep` does not split it on commas).
+    """
     meta = dict(help=help, group=group, choices=choices, min=min, max=max, min_exclusive=min_exclusive,
-                max_exclusive=max_exclusive, compat=compat)
+                max_exclusive=max_exclusive, compat=compat, comma_list=comma_list)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -66,12 +70,12 @@ class Config:
     lora_rank: int = _key(8, "LoRA rank r.", group="method", min=1)
     lora_alpha: int | None = _key(None, "LoRA alpha; default 2 x lora_rank.", group="method", min=1)
     lora_dropout: float = _key(0.0, "Dropout on the LoRA input.", group="method", min=0.0, max=1.0)
-    lora_target: str = _key("all", "Modules that get LoRA: all (every linear layer except the output head) or a comma-separated list of names.", group="method")
+    lora_target: str = _key("all", "Modules that get LoRA: all (every linear layer except the output head) or a comma-separated list of names.", group="method", comma_list=True)
 
     # --- data ---
-    dataset: str | None = _key(None, "Comma-separated files (json, jsonl, parquet, csv) or names from dataset_dir/dataset_info.json.", group="data")
+    dataset: str | None = _key(None, "Comma-separated files (json, jsonl, parquet, csv) or names from dataset_dir/dataset_info.json.", group="data", comma_list=True)
     dataset_dir: str = _key("data", "Folder holding dataset_info.json and the files it names.", group="data")
-    eval_dataset: str | None = _key(None, "Held-out datasets, same syntax as dataset.", group="data")
+    eval_dataset: str | None = _key(None, "Evaluation datasets (same syntax as dataset), instead of val_size; precompute caches their reference log-probs in eval_ref_cache_dir.", group="data", comma_list=True)
     template: str = _key("auto", "Chat template: auto (the tokenizer's own), chatml, qwen, llama3, plain.", group="data")
     cutoff_len: int = _key(2048, "Most tokens of prompt + completion, for chosen and for rejected.", group="data", min=2)
     truncation_mode: str = _key("keep_end", "keep_end: cut the prompt's start and the completions' end; keep_start: keep the prompt whole, cut completions' end, skip rows whose prompt fills cutoff_len.", group="data", choices=TRUNCATION_MODES)
@@ -82,6 +86,7 @@ class Config:
 
     # --- reference cache ---
     ref_cache_dir: str | None = _key(None, "Reference log-prob cache directory; default <output_dir>/ref_cache. (LLaMA-Factory's cache_dir is the hub cache, so this key has its own name.)", group="cache")
+    eval_ref_cache_dir: str | None = _key(None, "Reference log-prob cache of eval_dataset; default <ref_cache_dir>_eval (a sibling folder, so each cache stays one Parquet table).", group="cache")
     overwrite_cache: bool = _key(False, "precompute: replace an existing cache whose fingerprint differs.", group="cache")
     precompute_ref_batch_size: int = _key(8, "Rows per batch in precompute (each row is a chosen and a rejected sequence).", group="cache", min=1)
     cache_part_rows: int = _key(512, "Rows per Parquet part; a crash loses at most one part of work.", group="cache", min=1)
@@ -120,7 +125,7 @@ class Config:
     eval_steps: int | None = _key(None, "Evaluate every this many steps; default logging_steps.", group="train", min=1)
     eval_on_start: bool = _key(False, "Evaluate once before the first step (the reference's own scores: loss ln 2).", group="train")
     resume_from_checkpoint: bool | str | None = _key(None, "true = the latest checkpoint in output_dir, or a checkpoint folder.", group="train")
-    report_to: str = _key("none", "none, tensorboard or wandb (comma-separated for several).", group="train")
+    report_to: str = _key("none", "none, tensorboard or wandb (comma-separated for several).", group="train", comma_list=True)
     run_name: str | None = _key(None, "Run name for the trackers.", group="train")
     dataloader_num_workers: int = _key(0, "Data-loading worker processes.", group="train", min=0)
     ddp_timeout: int = _key(1800, "Seconds a distributed process waits for the others.", group="train", min=1)
@@ -139,6 +144,27 @@ class Config:
     @property
     def resolved_ref_cache_dir(self) -> Path:
         return Path(self.ref_cache_dir) if self.ref_cache_dir else Path(self.output_dir) / "ref_cache"
+
+    @property
+    def resolved_eval_ref_cache_dir(self) -> Path:
+        if self.eval_ref_cache_dir:
+            return Path(self.eval_ref_cache_dir)
+        ref = self.resolved_ref_cache_dir
+        return ref.with_name(ref.name + "_eval")
+
+    def eval_set_config(self) -> Config:
+        """This config with eval_dataset as its dataset and the eval cache as its reference cache.
+
+        precompute builds the eval set's cache with it and train/evaluate read that cache with it, so the
+        fingerprint rules are the training cache's. Its skip report goes to <output_dir>/eval/dpo_metrics.
+        """
+        return dataclasses.replace(self, dataset=self.eval_dataset, eval_dataset=None, val_size=0.0,
+                                   ref_cache_dir=str(self.resolved_eval_ref_cache_dir),
+                                   output_dir=str(Path(self.output_dir) / "eval"))
+
+    def cache_configs(self) -> list[Config]:
+        """One config per reference cache this run reads: the dataset's, and eval_dataset's if set."""
+        return [self, self.eval_set_config()] if self.eval_dataset else [self]
 
     @property
     def metrics_dir(self) -> Path:
@@ -170,6 +196,18 @@ def _describe(types_: tuple[type, ...]) -> str:
     return " or ".join(names[t] for t in types_)
 
 
+_REPR = reprlib.Repr()  # (keyword arguments need Python 3.12)
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 4, 4
+
+
+def _shown(value: Any) -> str:
+    """A short repr for messages (a 200k-character string or a YAML alias bomb stays one short line)."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an integer of over 4300 digits has no repr
+        return f"a {type(value).__name__} too large to show"
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Return ``value`` as the key's type, or raise a one-line error naming key, value and what is allowed."""
     allowed = _allowed_types(name)
@@ -182,7 +220,10 @@ def _coerce(name: str, value: Any) -> Any:
         if int in allowed:
             return value
         if float in allowed:
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise DpoLeanError(f"config key '{name}': {_shown(value)} is too large; use a finite number") from None
     elif isinstance(value, float):
         if float in allowed:
             return value
@@ -202,7 +243,7 @@ def _coerce(name: str, value: Any) -> Any:
             return value.lower() == "true"
     elif isinstance(value, list) and str in allowed and all(isinstance(v, str) for v in value):
         return ",".join(value)  # lora_target: [q_proj, v_proj], dataset: [a, b], report_to: [wandb]
-    raise DpoLeanError(f"config key '{name}': {value!r} is not allowed; expected {_describe(allowed)}")
+    raise DpoLeanError(f"config key '{name}': {_shown(value)} is not allowed; expected {_describe(allowed)}")
 
 
 def _check_rules(name: str, value: Any) -> None:
@@ -210,17 +251,21 @@ def _check_rules(name: str, value: Any) -> None:
     choices = meta["choices"]
     if choices is not None and value not in choices:
         shown = ", ".join("null" if c is None else str(c) for c in choices)
-        raise DpoLeanError(f"config key '{name}': {value!r} is not supported; choose one of: {shown}")
+        raise DpoLeanError(f"config key '{name}': {_shown(value)} is not supported; choose one of: {shown}")
+    if isinstance(value, str) and "\x00" in value:
+        raise DpoLeanError(f"config key '{name}': {_shown(value)} contains a NUL byte; remove it")
+    if isinstance(value, float) and math.isinf(value):
+        raise DpoLeanError(f"config key '{name}': {_shown(value)} is not allowed; use a finite number")
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     lo, hi = meta["min"], meta["max"]
     nan = isinstance(value, float) and math.isnan(value)
     if lo is not None and (nan or value < lo or (meta["min_exclusive"] and value == lo)):
         bound = f"> {lo}" if meta["min_exclusive"] else f">= {lo}"
-        raise DpoLeanError(f"config key '{name}': {value!r} is out of range; it must be {bound}")
+        raise DpoLeanError(f"config key '{name}': {_shown(value)} is out of range; it must be {bound}")
     if hi is not None and (nan or value > hi or (meta["max_exclusive"] and value == hi)):
         bound = f"< {hi}" if meta["max_exclusive"] else f"<= {hi}"
-        raise DpoLeanError(f"config key '{name}': {value!r} is out of range; it must be {bound}")
+        raise DpoLeanError(f"config key '{name}': {_shown(value)} is out of range; it must be {bound}")
 
 
 def _unknown_key_error(name: str) -> DpoLeanError:
@@ -232,12 +277,12 @@ def _unknown_key_error(name: str) -> DpoLeanError:
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` with the value read as YAML (so numbers, booleans and null have their types)."""
     if "=" not in text:
-        raise DpoLeanError(f"override {text!r} must look like key=value")
+        raise DpoLeanError(f"override {_shown(text)} must look like key=value")
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an integer of over 4300 digits
         value = raw
     return key, value
 
@@ -246,8 +291,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
     """Validate a mapping of keys to values into a Config (unknown keys, types, ranges, cross-key rules)."""
     values = {}
     for name, value in raw.items():
-        if name not in FIELDS:
-            raise _unknown_key_error(name)
+        if not isinstance(name, str) or name not in FIELDS:  # YAML keys may be numbers, dates, null
+            raise _unknown_key_error(str(name))
         value = _coerce(name, value)
         _check_rules(name, value)
         values[name] = value
@@ -261,16 +306,19 @@ def _check_cross_rules(c: Config) -> None:
         raise DpoLeanError("config keys 'bf16' and 'fp16' are both true; set at most one")
     if c.shard_index >= c.num_shards:
         raise DpoLeanError(f"config key 'shard_index': {c.shard_index} must be < num_shards ({c.num_shards})")
+    if c.eval_dataset and c.val_size:
+        raise DpoLeanError("config keys 'val_size' and 'eval_dataset' are both set; evaluate on one of them "
+                           "(val_size holds rows out of dataset, eval_dataset names other rows)")
     if c.dpo_label_smoothing > 0 and c.pref_loss != "sigmoid":
         raise DpoLeanError(f"config key 'dpo_label_smoothing' works with pref_loss: sigmoid only (got {c.pref_loss})")
     if c.template not in template_names():
         close = difflib.get_close_matches(c.template, template_names(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise DpoLeanError(f"config key 'template': {c.template!r} is not supported; choose one of: "
+        raise DpoLeanError(f"config key 'template': {_shown(c.template)} is not supported; choose one of: "
                            f"{', '.join(template_names())}{hint}")
     for t in (x.strip() for x in c.report_to.split(",")):
         if t not in ("none", "tensorboard", "wandb", "all", ""):
-            raise DpoLeanError(f"config key 'report_to': {t!r} is not supported; choose none, tensorboard or wandb")
+            raise DpoLeanError(f"config key 'report_to': {_shown(t)} is not supported; choose none, tensorboard or wandb")
 
 
 def template_names() -> tuple[str, ...]:
@@ -291,7 +339,16 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
-            raise DpoLeanError(f"config file {str(p)!r}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise DpoLeanError(f"config file {str(p)!r}{where}: not valid YAML ({problem})") from None
+        except UnicodeDecodeError:
+            raise DpoLeanError(f"config file {str(p)!r}: not UTF-8 text; save it as UTF-8") from None
+        except OSError as e:
+            raise DpoLeanError(f"config file {str(p)!r}: cannot be read ({e.strerror or e}); check its permissions") from None
+        except RecursionError:
+            raise DpoLeanError(f"config file {str(p)!r}: nested too deeply to read; a config is a flat mapping of key: value") from None
+        except ValueError as e:  # e.g. an integer of over 4300 digits
+            raise DpoLeanError(f"config file {str(p)!r}: a value cannot be read ({str(e).splitlines()[0]}); fix it") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
