@@ -32,27 +32,39 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 class _ChunkedTokenLogps(torch.autograd.Function):
     """token_logps[i] = log_softmax(hidden[i] @ W.T + b)[targets[i]], chunk by chunk.
 
-    Backward: d token_logp_i / d logits_i = onehot(target_i) - softmax(logits_i), so
-    grad_hidden = (g * (onehot - p)) @ W and grad_W = (g * (onehot - p)).T @ hidden, recomputed per chunk.
+    d token_logp_i / d logits_i = onehot(target_i) - softmax(logits_i), so
+        d token_logp_i / d hidden_i = (onehot(target_i) - p_i) @ W          (J_i, one row of [N, H])
+    Each token's log-prob depends on its own hidden state only, so J is computed in the forward, chunk by
+    chunk while the chunk's logits exist, and the backward is grad_hidden = grad_out[:, None] * J: no
+    logits are kept or recomputed. Only when W or b need gradients (a trained head) does the backward
+    recompute each chunk's softmax.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        jacobian = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for s in range(0, hidden.shape[0], chunk_size):
             logits = _chunk_logits(hidden[s:s + chunk_size], weight, bias)
-            tgt = targets[s:s + chunk_size]
-            out[s:s + chunk_size] = logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(hidden, weight, bias, targets)
+            tgt = targets[s:s + chunk_size, None]
+            lse = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk_size] = logits.gather(1, tgt).squeeze(1) - lse
+            if jacobian is not None:
+                d = torch.exp(logits.sub_(lse[:, None])).neg_()  # -softmax, in place of the logits
+                d.scatter_add_(1, tgt, torch.ones_like(d[:, :1]))
+                jacobian[s:s + chunk_size] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(hidden, weight, bias, targets, jacobian)
         ctx.chunk_size = chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, targets = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        hidden, weight, bias, targets, jacobian = ctx.saved_tensors
+        grad_h = (grad_out[:, None] * jacobian).to(hidden.dtype) if jacobian is not None else None
+        need_w = ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(hidden) if need_h else None
+        if not (need_w or need_b):
+            return grad_h, None, None, None, None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         for s in range(0, hidden.shape[0], ctx.chunk_size):
@@ -60,8 +72,6 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             d = -torch.softmax(_chunk_logits(h, weight, bias), dim=-1)
             d.scatter_add_(1, targets[s:s + ctx.chunk_size, None], torch.ones_like(d[:, :1]))
             d *= grad_out[s:s + ctx.chunk_size, None]
-            if need_h:
-                grad_h[s:s + ctx.chunk_size] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
                 grad_w += d.t() @ h.float()
             if need_b:

@@ -35,11 +35,15 @@ def test_chunked_token_logps_match_naive_in_value_and_gradient(chunk_size, with_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_frozen_head_gets_no_gradient_buffer():
-    hidden = torch.randn(8, 4, requires_grad=True)
-    weight = torch.randn(20, 4)  # frozen, as the output head is in LoRA training
-    token_logps(hidden, weight, torch.zeros(8, dtype=torch.long), chunk_size=3).sum().backward()
-    assert hidden.grad is not None and weight.grad is None
+def test_frozen_head_gets_no_gradient_buffer_and_exact_hidden_gradient():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(8, 4, generator=g, requires_grad=True)
+    weight = torch.randn(20, 4, generator=g)  # frozen, as the output head is in LoRA training
+    targets, upstream = torch.randint(0, 20, (8,), generator=g), torch.randn(8, generator=g)
+    (token_logps(hidden, weight, targets, chunk_size=3) * upstream).sum().backward()
+    (expected,) = torch.autograd.grad((naive_token_logps(hidden, weight, targets) * upstream).sum(), [hidden])
+    assert weight.grad is None
+    torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_sequence_logps_sums_completion_tokens_only():
