@@ -100,10 +100,17 @@ def data_check(config_path, overrides):
 @with_config
 @user_errors
 def precompute(config_path, overrides):
-    """Phase 1: run the frozen reference once; write reference log-probs to the Parquet cache."""
+    """Phase 1: run the frozen reference once; write reference log-probs to the Parquet cache.
+
+    With eval_dataset set, its rows get their own cache too (eval_ref_cache_dir).
+    """
     from .precompute import run_precompute
 
-    run_precompute(_config(config_path, overrides))
+    config = _config(config_path, overrides)
+    for c in config.cache_configs():
+        if c is not config:
+            click.echo(f"\neval_dataset {config.eval_dataset} -> {c.resolved_ref_cache_dir}")
+        run_precompute(c)
 
 
 @main.command()
@@ -114,6 +121,16 @@ def train(config_path, overrides):
     from .train import run_train
 
     run_train(_config(config_path, overrides))
+
+
+@main.command()
+@with_config
+@user_errors
+def evaluate(config_path, overrides):
+    """Score an adapter (default: the trained one) on cached rows: reward accuracy, margins, log-ratios, loss."""
+    from .evaluate import run_evaluate
+
+    run_evaluate(_config(config_path, overrides))
 
 
 @main.command("cache-info")

@@ -70,6 +70,7 @@ class Config:
     lora_rank: int = _key(8, "LoRA rank r.", group="method", min=1)
     lora_alpha: int | None = _key(None, "LoRA alpha; default 2 x lora_rank.", group="method", min=1)
     lora_dropout: float = _key(0.0, "Dropout on the LoRA input.", group="method", min=0.0, max=1.0)
+    prefix_sharing: bool | str = _key("auto", "Compute the prompt once for chosen and rejected (one sequence per pair, 4-D mask): auto = where the model takes it, true, false. Either way gives the same log-probs.", group="method", choices=("auto", True, False))
     lora_target: str = _key("all", "Modules that get LoRA: all (every linear layer except the output head) or a comma-separated list of names.", group="method", comma_list=True)
 
     # --- data ---
@@ -230,6 +231,8 @@ def _coerce(name: str, value: Any) -> Any:
         if int in allowed and value.is_integer():
             return int(value)
     elif isinstance(value, str):
+        if bool in allowed and value.lower() in ("true", "false"):  # prefix_sharing=true on the command line
+            return value.lower() == "true"
         if str in allowed:
             return value
         # YAML 1.1 reads "5e-6" as a string; LLaMA-Factory users write it, so accept numbers in strings.
@@ -239,8 +242,6 @@ def _coerce(name: str, value: Any) -> Any:
                     return t(value)
                 except ValueError:
                     pass
-        if bool in allowed and value.lower() in ("true", "false"):
-            return value.lower() == "true"
     elif isinstance(value, list) and str in allowed and all(isinstance(v, str) for v in value):
         return ",".join(value)  # lora_target: [q_proj, v_proj], dataset: [a, b], report_to: [wandb]
     raise DpoLeanError(f"config key '{name}': {_shown(value)} is not allowed; expected {_describe(allowed)}")
@@ -250,7 +251,7 @@ def _check_rules(name: str, value: Any) -> None:
     meta = FIELDS[name].metadata
     choices = meta["choices"]
     if choices is not None and value not in choices:
-        shown = ", ".join("null" if c is None else str(c) for c in choices)
+        shown = ", ".join("null" if c is None else str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
         raise DpoLeanError(f"config key '{name}': {_shown(value)} is not supported; choose one of: {shown}")
     if isinstance(value, str) and "\x00" in value:
         raise DpoLeanError(f"config key '{name}': {_shown(value)} contains a NUL byte; remove it")
@@ -268,7 +269,7 @@ def _check_rules(name: str, value: Any) -> None:
         raise DpoLeanError(f"config key '{name}': {_shown(value)} is out of range; it must be {bound}")
 
 
-def _unknown_key_error(name: str) -> DpoLeanError:
+def unknown_key_error(name: str) -> DpoLeanError:
     close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; `dpo-lean keys` lists the valid keys"
     return DpoLeanError(f"unknown config key '{name}'{hint}")
@@ -292,7 +293,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     values = {}
     for name, value in raw.items():
         if not isinstance(name, str) or name not in FIELDS:  # YAML keys may be numbers, dates, null
-            raise _unknown_key_error(str(name))
+            raise unknown_key_error(str(name))
         value = _coerce(name, value)
         _check_rules(name, value)
         values[name] = value
@@ -372,6 +373,11 @@ def _type_name(name: str) -> str:
                       for t in _allowed_types(name))
 
 
+def _markdown_cell(text: str) -> str:
+    """Text safe in a Markdown table cell: no HTML tags (<output_dir> would vanish), no cell breaks."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
 def key_table(markdown: bool = False) -> str:
     """Every key with its type, default and meaning, grouped; generated from Config so it cannot drift."""
     lines = []
@@ -385,7 +391,7 @@ def key_table(markdown: bool = False) -> str:
                                                   "| --- | --- | --- | --- |"] if markdown else [f"[{group}]"])
         shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
         if markdown:
-            lines.append(f"| `{f.name}` | {_type_name(f.name)} | `{shown}` | {meta['help']} |")
+            lines.append(f"| `{f.name}` | {_type_name(f.name)} | `{shown}` | {_markdown_cell(meta['help'])} |")
         else:
             lines.append(f"  {f.name:<32} {_type_name(f.name):<16} {shown:<12} {meta['help']}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import defaultdict
@@ -33,7 +34,8 @@ from .sampling import LengthGroupedSampler
 # ---------------------------------------------------------------- the cache join
 
 
-def load_reference(config: Config, fingerprint: dict, rows: list[TokenizedRow]) -> dict[str, tuple[float, float]]:
+def load_reference(config: Config, fingerprint: dict, rows: list[TokenizedRow],
+                   what: str = "training rows") -> dict[str, tuple[float, float]]:
     """id -> (ref_chosen_logps, ref_rejected_logps) for every row, after checking the cache is the right one."""
     cache_dir = config.resolved_ref_cache_dir
     rebuild = "rebuild it with `dpo-lean precompute CONFIG.yaml overwrite_cache=true`"
@@ -51,7 +53,7 @@ def load_reference(config: Config, fingerprint: dict, rows: list[TokenizedRow]) 
     by_id = {i: k for k, i in enumerate(table["id"])}
     missing = [r for r in rows if r.id not in by_id]
     if missing:
-        raise DpoLeanError(f"{len(missing)} of {len(rows)} training rows have no reference log-probs in {cache_dir} "
+        raise DpoLeanError(f"{len(missing)} of {len(rows)} {what} have no reference log-probs in {cache_dir} "
                            f"(first: row {missing[0].row_index}); rerun `dpo-lean precompute CONFIG.yaml` to finish it")
     ref = {}
     for r in rows:
@@ -107,6 +109,36 @@ class PairCollator:
         return batch
 
 
+def pair_metrics(config: Config, logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses [B] and TRL's per-pair metrics from [chosen..., rejected...] policy log-probs.
+
+    Training, its evaluation and `dpo-lean evaluate` all score rows with this one function.
+    """
+    n = batch["ref_chosen_logps"].shape[0]
+    pi_w, pi_l = logps[:n], logps[n:]
+    ref_w, ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    losses = preference_loss(pi_w, pi_l, ref_w, ref_l, batch["chosen_tokens"], batch["rejected_tokens"],
+                             loss_type=config.pref_loss, beta=config.pref_beta,
+                             label_smoothing=config.dpo_label_smoothing, ftx=config.pref_ftx)
+    stats = reward_stats(pi_w, pi_l, ref_w, ref_l, config.pref_beta)
+    stats["logps/chosen"], stats["logps/rejected"] = pi_w.detach(), pi_l.detach()
+    return losses, stats
+
+
+class _Scorer:
+    """What batch_logps needs from a model that DDP may wrap: the wrapper's forward (it syncs gradients)
+    and the inner model's deferred output head (the wrapper does not expose it)."""
+
+    def __init__(self, model, inner):
+        self.model, self.inner = model, inner
+
+    def __call__(self, **inputs):
+        return self.model(**inputs)
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+
 # ---------------------------------------------------------------- the trainer
 
 
@@ -131,24 +163,20 @@ def _trainer_class():
             return LengthGroupedSampler(dataset["length"], self.args.per_device_train_batch_size, self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            c = self.dpo
-            logps = batch_logps(model, inputs, c.logprob_chunk_size)
-            n = inputs["ref_chosen_logps"].shape[0]
-            pi_w, pi_l = logps[:n], logps[n:]
-            ref_w, ref_l = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            losses = preference_loss(pi_w, pi_l, ref_w, ref_l, inputs["chosen_tokens"], inputs["rejected_tokens"],
-                                     loss_type=c.pref_loss, beta=c.pref_beta, label_smoothing=c.dpo_label_smoothing,
-                                     ftx=c.pref_ftx)
+            scorer = _Scorer(model, self.accelerator.unwrap_model(model))  # DDP's forward, the inner model's head
+            logps = batch_logps(scorer, inputs, self.dpo.logprob_chunk_size)
+            losses, stats = pair_metrics(self.dpo, logps, inputs)
+            if not model.training:
+                stats["loss"] = losses.detach()  # eval_loss: a mean over rows like the rest (see log)
+            self._record(model.training, stats, inputs["attention_mask"])
             loss = losses.mean()
-            self._record(model.training, pi_w, pi_l, ref_w, ref_l, inputs["attention_mask"])
             return (loss, {"logps": logps.detach()}) if return_outputs else loss
 
-        def _record(self, training, pi_w, pi_l, ref_w, ref_l, attention_mask):
+        def _record(self, training, stats, attention_mask):
+            """Keep every row's metrics (all ranks gathered, duplicates dropped); log averages over rows."""
             mode = "train" if training else "eval"
-            stats = reward_stats(pi_w, pi_l, ref_w, ref_l, self.dpo.pref_beta)
-            stats["logps/chosen"], stats["logps/rejected"] = pi_w.detach(), pi_l.detach()
             for key, values in stats.items():
-                self._metrics[mode][key].append(self.accelerator.gather_for_metrics(values).mean().item())
+                self._metrics[mode][key].append(self.accelerator.gather_for_metrics(values).float().cpu())
             if training:
                 tokens = int(self.accelerator.gather_for_metrics(attention_mask.sum()).sum())
                 self._tokens_since_log += tokens
@@ -165,7 +193,7 @@ def _trainer_class():
             prefix = "" if mode == "train" else "eval_"
             for key, values in self._metrics[mode].items():
                 if values:
-                    logs[prefix + key] = sum(values) / len(values)
+                    logs[prefix + key] = torch.cat(values).mean().item()
             self._metrics[mode].clear()
             if mode == "train":
                 now = time.perf_counter()
@@ -190,7 +218,7 @@ def training_arguments(config: Config, has_eval: bool):
     cuda = modeling.device().type == "cuda"
     eval_strategy = config.eval_strategy or ("steps" if has_eval else "no")
     if eval_strategy != "no" and not has_eval:
-        raise DpoLeanError(f"config key 'eval_strategy': {eval_strategy} needs held-out rows; set val_size")
+        raise DpoLeanError(f"config key 'eval_strategy': {eval_strategy} needs held-out rows; set val_size or eval_dataset")
     report_to = [t.strip() for t in config.report_to.split(",") if t.strip() and t.strip() != "none"] or "none"
     _check_trackers(report_to)
     return TrainingArguments(
@@ -249,9 +277,6 @@ def resume_target(config: Config) -> str | bool | None:
 def prepare_run(config: Config):
     """Tokenizer, data and verified reference: everything train needs before it loads the policy."""
     require(config, "model_name_or_path", "dataset")
-    if config.eval_dataset:
-        raise DpoLeanError("config key 'eval_dataset' is not supported yet; hold rows out of the cached "
-                           "dataset with val_size instead")
     tokenizer = modeling.load_tokenizer(config)
     data = prepare_data(config, tokenizer)
     fingerprint = cache.build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
@@ -259,34 +284,74 @@ def prepare_run(config: Config):
     return tokenizer, data, fingerprint, ref
 
 
+@dataclass
+class EvalSet:
+    """Rows to evaluate on, with their reference log-probs, and where they come from."""
+
+    rows: list[TokenizedRow]
+    ref: dict[str, tuple[float, float]]
+    source: str
+    fingerprint: dict | None = None  # the eval_dataset cache's; None for rows held out of the training cache
+
+
+def split_eval(config: Config, tokenizer, data, ref) -> tuple[list[TokenizedRow], EvalSet]:
+    """Training rows and the eval set: eval_dataset with its own cache, or the val_size rows held out by seed."""
+    if not config.eval_dataset:
+        train_rows, eval_rows = split_rows(data.rows, config.val_size, config.seed)
+        return train_rows, EvalSet(eval_rows, ref, f"val_size={config.val_size:g} of {config.dataset}")
+    eval_config = config.eval_set_config()
+    eval_data = prepare_data(eval_config, tokenizer)
+    _say(f"eval data: {skip_summary(eval_data)}")
+    if eval_data.skips and is_main_process():
+        _say(f"skipped eval rows listed in {write_skip_report(eval_data, eval_config.metrics_dir)}")
+    fingerprint = cache.build_fingerprint(eval_config, tokenizer, eval_data, modeling.reference_spec(eval_config))
+    eval_ref = load_reference(eval_config, fingerprint, eval_data.rows, what="eval rows")
+    return data.rows, EvalSet(eval_data.rows, eval_ref, f"eval_dataset={config.eval_dataset}", fingerprint)
+
+
+def is_main_process() -> bool:
+    """True in a single process, and in the process of global rank 0 under torchrun/accelerate launch."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(message: str) -> None:
+    if is_main_process():
+        click.echo(message)
+
+
 def run_train(config: Config) -> dict:
+    """Train the policy; every process of a distributed launch runs this, the main one writes the files."""
     from .reporting import MetricsWriter
 
     tokenizer, data, fingerprint, ref = prepare_run(config)
-    click.echo(f"data: {skip_summary(data)}")
-    if data.skips:
-        click.echo(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
-    train_rows, eval_rows = split_rows(data.rows, config.val_size, config.seed)
-    click.echo(f"train: {len(train_rows)} pairs" + (f", eval: {len(eval_rows)} pairs" if eval_rows else "")
-               + f"; reference log-probs from {config.resolved_ref_cache_dir}")
-    args = training_arguments(config, bool(eval_rows))
+    _say(f"data: {skip_summary(data)}")
+    if data.skips and is_main_process():
+        _say(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
+    train_rows, eval_set = split_eval(config, tokenizer, data, ref)
+    _say(f"train: {len(train_rows)} pairs" + (f", eval: {len(eval_set.rows)} pairs" if eval_set.rows else "")
+         + f"; reference log-probs from {config.resolved_ref_cache_dir}"
+         + (f" and {config.resolved_eval_ref_cache_dir}" if eval_set.fingerprint else ""))
+    args = training_arguments(config, bool(eval_set.rows))
     resume = resume_target(config)
     model = modeling.prepare_policy(config)
     summary_extra = {"config": config.to_dict(), "cache_fingerprint": fingerprint,
-                     "rows": {"train": len(train_rows), "eval": len(eval_rows), "skipped": len(data.skips)}}
+                     "rows": {"train": len(train_rows), "eval": len(eval_set.rows), "skipped": len(data.skips)}}
+    if eval_set.fingerprint:
+        summary_extra["eval_cache_fingerprint"] = eval_set.fingerprint
     writer = MetricsWriter(config.metrics_dir, plot=config.plot_loss, extra_summary=lambda: summary_extra)
     trainer = _trainer_class()(
         model=model, args=args, dpo=config, data_collator=PairCollator(tokenizer.pad_token_id),
-        train_dataset=to_dataset(train_rows, ref), eval_dataset=to_dataset(eval_rows, ref) if eval_rows else None,
+        train_dataset=to_dataset(train_rows, ref),
+        eval_dataset=to_dataset(eval_set.rows, eval_set.ref) if eval_set.rows else None,
         processing_class=tokenizer, callbacks=[writer])
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
     summary_extra["train_tokens_per_second"] = round(trainer.train_tokens / max(seconds, 1e-9), 1)
     summary_extra["peak_memory_gb"] = round(peak_memory_gb(args.device), 3)
-    final_eval = trainer.evaluate() if eval_rows else {}
+    final_eval = trainer.evaluate() if eval_set.rows else {}
     trainer.save_model(config.output_dir)
+    summary_extra["finished"] = True  # written last: `dpo-lean sweep` skips a run whose summary says so
     writer.on_train_end(args, trainer.state, trainer.control)  # again, now with the final eval and speed
-    click.echo(f"adapter saved to {config.output_dir}; metrics in {config.metrics_dir}")
+    _say(f"adapter saved to {config.output_dir}; metrics in {config.metrics_dir}")
     return {"train": result.metrics, "eval": final_eval}
-

@@ -1,0 +1,106 @@
+"""``dpo-lean evaluate``: score an adapter on cached preference rows with training's own code.
+
+    rows, ref = train.split_eval(...)                 # val_size rows held out by seed, or eval_dataset + its cache
+    policy    = base (4-bit or plain) + the adapter   # loaded as training builds it: head deferred, 4-bit pinned
+    per batch of per_device_eval_batch_size rows, in order:
+        losses, stats = train.pair_metrics(config, batch_logps(policy, batch), batch)
+    metrics   = mean over all rows of every per-row value
+
+Training's evaluation logs the same means over all rows (DPOLeanTrainer keeps per-row values), so
+`evaluate` on the trained adapter reproduces the last eval in its log history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+import torch
+
+from . import modeling, train
+from .config import Config
+from .errors import DpoLeanError
+from .files import atomic_write_text
+from .logprobs import batch_logps
+
+RESULTS_NAME = "eval_results.json"
+SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+         "logratios/chosen", "logratios/rejected", "logps/chosen", "logps/rejected")
+
+
+def adapter_path(config: Config) -> str:
+    """adapter_name_or_path, or the adapter training saved in output_dir."""
+    adapter = config.adapter_name_or_path or config.output_dir
+    local = Path(adapter)
+    if (local.is_dir() or not config.adapter_name_or_path) and not (local / "adapter_config.json").is_file():
+        key = "adapter_name_or_path" if config.adapter_name_or_path else "output_dir"
+        raise DpoLeanError(f"config key '{key}': {adapter} holds no adapter (adapter_config.json); "
+                           "train first with `dpo-lean train CONFIG.yaml` or set adapter_name_or_path")
+    return adapter
+
+
+def load_policy(config: Config, adapter: str):
+    """The base exactly as training loads it, with the saved LoRA adapter on top, ready for batch_logps."""
+    from peft import PeftModel
+
+    base = modeling.load_base_model(config)
+    try:
+        model = PeftModel.from_pretrained(base, adapter)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DpoLeanError(f"config key 'adapter_name_or_path': cannot load the adapter {adapter!r} on "
+                           f"{config.model_name_or_path!r} ({str(e).strip().splitlines()[0]})") from None
+    modeling.defer_output_head(model)
+    modeling.keep_4bit_on_training_kernel(model)
+    return model
+
+
+def score(config: Config, model, eval_set: train.EvalSet, pad_id: int) -> dict[str, float]:
+    """Means over all rows of the loss, the reward stats and the log-ratios (TRL's names, ``eval_`` prefix)."""
+    dataset = train.to_dataset(eval_set.rows, eval_set.ref)
+    collate = train.PairCollator(pad_id)
+    dev = modeling.device()
+    dtype = modeling.compute_dtype(config, dev)
+    per_row: dict[str, list[torch.Tensor]] = {}
+    size = config.per_device_eval_batch_size
+    for start in range(0, len(dataset), size):
+        features = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+        batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in collate(features).items()}
+        with modeling.inference(model), modeling.autocast(dtype, dev):
+            losses, stats = train.pair_metrics(config, batch_logps(model, batch, config.logprob_chunk_size), batch)
+        stats["loss"] = losses
+        for key, values in stats.items():
+            per_row.setdefault(key, []).append(values.float().cpu())
+    means = {key: torch.cat(values).mean().item() for key, values in per_row.items()}
+    for side in ("chosen", "rejected"):
+        means[f"logratios/{side}"] = means[f"rewards/{side}"] / config.pref_beta  # mean of pi - ref
+    return {f"eval_{key}": means[key] for key in SHOWN}
+
+
+def run_evaluate(config: Config) -> dict:
+    """Score the adapter, print a table, write <output_dir>/dpo_metrics/eval_results.json."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DpoLeanError("evaluate runs in one process; run `dpo-lean evaluate CONFIG.yaml` without "
+                           "torchrun or accelerate launch")
+    adapter = adapter_path(config)
+    tokenizer, data, _, ref = train.prepare_run(config)
+    _, eval_set = train.split_eval(config, tokenizer, data, ref)
+    if not eval_set.rows:
+        raise DpoLeanError("config key 'val_size' is 0 and eval_dataset is unset: evaluate needs rows; set val_size "
+                           "(rows held out of dataset, as in training) or eval_dataset (then run precompute)")
+    click.echo(f"evaluate: adapter {adapter} on {len(eval_set.rows)} pairs ({eval_set.source})")
+    metrics = score(config, load_policy(config, adapter), eval_set, tokenizer.pad_token_id)
+    click.echo(format_table(metrics))
+    results = {**metrics, "rows": len(eval_set.rows), "rows_from": eval_set.source, "adapter": str(adapter),
+               "pref_loss": config.pref_loss, "pref_beta": config.pref_beta}
+    path = config.metrics_dir / RESULTS_NAME
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    click.echo(f"results: {path}")
+    return results
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    width = max(len(k) for k in metrics)
+    return "\n".join([f"{'metric':<{width}}  {'value':>10}"]
+                     + [f"{key:<{width}}  {value:>10.4f}" for key, value in metrics.items()])
