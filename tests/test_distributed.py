@@ -1,0 +1,146 @@
+"""Data-parallel train and precompute under torchrun and accelerate launch: 2 CPU processes (gloo).
+
+These are the README's multi-GPU commands with the GPU specifics swapped (2 processes, --multi_gpu on CPU
+falls back to gloo): a 2-process run equals a 1-process run with the same global batch, and a
+2-process (or 2-node) precompute equals a 1-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import FIXTURES, ROOT
+
+from dpo_lean import train
+from dpo_lean.config import from_dict
+from dpo_lean.precompute import run_precompute
+
+BIN = Path(sys.executable).parent
+# 48 train rows, 4 per process per step: 6 steps an epoch, so 8 steps cross into epoch 2 (the sampler reseeds).
+# 16 eval rows in batches of 6: the ranks get uneven eval batches, padded by accelerate and dropped again.
+RUN = dict(per_device_train_batch_size=4, per_device_eval_batch_size=6, max_steps=8, learning_rate=5e-3,
+           pref_beta=0.5, lora_rank=8, logging_steps=1, eval_steps=4, save_steps=4, val_size=16,
+           lr_scheduler_type="linear")
+COMPARED = ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+            "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def fixture_raw(tmp_path: Path, **overrides) -> dict:
+    from make_fixtures import fixture_config
+
+    cache = tmp_path / "ref_cache"
+    if not cache.exists():
+        shutil.copytree(FIXTURES / "demo" / "ref_cache", cache)
+    return {**fixture_config(FIXTURES), "ref_cache_dir": str(cache), **overrides}
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def launch(*argv, timeout: int = 300) -> str:
+    """Run a launcher command from the repository root; its stdout (every process's)."""
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The 1-process run with the same global batch: 4 pairs x 2 accumulation steps."""
+    tmp = tmp_path_factory.mktemp("single")
+    config = from_dict(fixture_raw(tmp, **RUN, gradient_accumulation_steps=2, output_dir=str(tmp / "out")))
+    train.run_train(config)
+    return json.loads((config.metrics_dir / "log_history.json").read_text())
+
+
+def assert_same_history(got: list[dict], expected: list[dict]) -> None:
+    logs = lambda h, key: [e for e in h if key in e]  # noqa: E731
+    assert [e["step"] for e in logs(got, "loss")] == [e["step"] for e in logs(expected, "loss")] == list(range(1, 9))
+    for g, e in zip(logs(got, "loss"), logs(expected, "loss")):
+        for key in COMPARED:
+            assert g[key] == pytest.approx(e[key], rel=1e-5, abs=1e-5), (e["step"], key)
+    assert len(logs(got, "eval_loss")) == len(logs(expected, "eval_loss")) == 3  # steps 4, 8 and the final one
+    for g, e in zip(logs(got, "eval_loss"), logs(expected, "eval_loss")):
+        for key in ("loss", *COMPARED[3:]):
+            assert g[f"eval_{key}"] == pytest.approx(e[f"eval_{key}"], rel=1e-5, abs=1e-5), (e["step"], key)
+
+
+def assert_written_once(stdout: str, out: Path) -> None:
+    assert stdout.count("adapter saved to") == 1 and stdout.count("data: 64 of 64 rows kept") == 1
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert (out / "adapter_model.safetensors").is_file()
+    summary = json.loads((out / "dpo_metrics" / "summary.json").read_text())
+    assert summary["finished"] is True and summary["global_step"] == 8
+
+
+def test_torchrun_train_equals_one_process_with_the_same_global_batch(single, tmp_path):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "cfg.yaml", fixture_raw(tmp_path, **RUN, output_dir=str(out)))
+    stdout = launch(BIN / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "dpo_lean.cli", "train", config)
+    assert_written_once(stdout, out)
+    assert_same_history(json.loads((out / "dpo_metrics" / "log_history.json").read_text()), single)
+
+
+def test_accelerate_launch_train_equals_one_process_with_the_same_global_batch(single, tmp_path):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "cfg.yaml", fixture_raw(tmp_path, **RUN, output_dir=str(out)))
+    stdout = launch(BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", 2, "--main_process_port", 0,
+                    "-m", "dpo_lean.cli", "train", config)
+    assert_written_once(stdout, out)
+    assert_same_history(json.loads((out / "dpo_metrics" / "log_history.json").read_text()), single)
+
+
+@pytest.fixture(scope="module")
+def one_process_cache(tmp_path_factory):
+    from make_fixtures import fixture_config
+
+    tmp = tmp_path_factory.mktemp("cache1")
+    run_precompute(from_dict({**fixture_config(FIXTURES), "ref_cache_dir": str(tmp / "cache"),
+                              "output_dir": str(tmp / "out")}))
+    return pd.read_parquet(tmp / "cache").sort_values("row_index").reset_index(drop=True)
+
+
+def read_cache(path: Path) -> pd.DataFrame:
+    manifest = json.loads((path / "_manifest.json").read_text())
+    assert manifest["expected_rows"] == 64 and {r["shard"] for r in manifest["runs"]} == {"0/2", "1/2"}
+    return pd.read_parquet(path).sort_values("row_index").reset_index(drop=True)
+
+
+def test_torchrun_precompute_shards_meet_in_one_cache_equal_to_one_process(one_process_cache, tmp_path):
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "cfg.yaml", fixture_raw(tmp_path, ref_cache_dir=str(cache),
+                                                             output_dir=str(tmp_path / "out")))
+    stdout = launch(BIN / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "dpo_lean.cli", "precompute", config)
+    assert "(shard 1 of 2)" in stdout and "(shard 2 of 2)" in stdout
+    pd.testing.assert_frame_equal(read_cache(cache), one_process_cache)
+
+
+def test_two_node_precompute_equals_one_process(one_process_cache, tmp_path):
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "cfg.yaml", fixture_raw(tmp_path, ref_cache_dir=str(cache),
+                                                             output_dir=str(tmp_path / "out")))
+    port = free_port()
+    nodes = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--master_addr",
+                               "127.0.0.1", "--master_port", str(port), "--nproc_per_node", "1", "-m", "dpo_lean.cli",
+                               "precompute", str(config)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-4000:]
+    pd.testing.assert_frame_equal(read_cache(cache), one_process_cache)
