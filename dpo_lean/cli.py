@@ -133,6 +133,22 @@ def evaluate(config_path, overrides):
     run_evaluate(_config(config_path, overrides))
 
 
+@main.command()
+@click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1, metavar="[key=v1,v2,... ...]")
+@user_errors
+def sweep(config_path, overrides):
+    """Train every combination of the listed values against one reference cache; compare them.
+
+    key=a,b,c sweeps a, b and c. dataset, eval_dataset, lora_target and report_to take commas in their
+    value, so key=x,y is one value for them; separate their alternatives with ';' (quoted for the shell):
+    'lora_target=q_proj,v_proj;all'. A ';' separates alternatives for any key.
+    """
+    from .sweep import run_sweep
+
+    run_sweep(config_path, overrides)
+
+
 @main.command("cache-info")
 @click.argument("cache_dir", type=click.Path())
 @user_errors
