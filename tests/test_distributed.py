@@ -92,9 +92,16 @@ def assert_written_once(stdout: str, out: Path) -> None:
 def test_torchrun_train_equals_one_process_with_the_same_global_batch(single, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path / "cfg.yaml", fixture_raw(tmp_path, **RUN, output_dir=str(out)))
-    stdout = launch(BIN / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "dpo_lean.cli", "train", config)
+    torchrun = [BIN / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "dpo_lean.cli", "train", config]
+    stdout = launch(*torchrun)
     assert_written_once(stdout, out)
     assert_same_history(json.loads((out / "dpo_metrics" / "log_history.json").read_text()), single)
+
+    # Resume under the launcher, as after a crash past checkpoint-4: it ends like the uninterrupted runs.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-4", resumed / "checkpoint-4")
+    launch(*torchrun, "resume_from_checkpoint=true", f"output_dir={resumed}")
+    assert_same_history(json.loads((resumed / "dpo_metrics" / "log_history.json").read_text()), single)
 
 
 def test_accelerate_launch_train_equals_one_process_with_the_same_global_batch(single, tmp_path):
