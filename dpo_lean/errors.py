@@ -1,5 +1,7 @@
 """The one exception type for mistakes a user can make and fix."""
 
+_LINE_BREAKS = {c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}  # what str.splitlines splits on
+
 
 class DpoLeanError(Exception):
     """A user-fixable problem: bad config, bad data, wrong path, stale cache.
@@ -9,6 +11,7 @@ class DpoLeanError(Exception):
     """
 
     def __init__(self, message: str = "") -> None:
-        # Text from the data (a lone surrogate such as "\ud800") or an undecodable file name would make the
-        # message unprintable; such characters are shown as their escapes.
-        super().__init__(str(message).encode("utf-8", "backslashreplace").decode("utf-8"))
+        # Text quoted from the data or a file name can hold line breaks or lone surrogates (e.g. "\ud800"), which
+        # would break the line or make it unprintable: such characters are shown as their escapes.
+        text = str(message).translate(str.maketrans(_LINE_BREAKS))
+        super().__init__(text.encode("utf-8", "backslashreplace").decode("utf-8"))

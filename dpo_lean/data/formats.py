@@ -10,6 +10,7 @@ LLaMA-Factory. Messages keep only ``role`` and ``content``; other keys are dropp
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ SKIP_REASONS: dict[str, str] = {
     "not_an_object": "the row is not a JSON object (e.g. a list, string or number)",
     "prompt_too_long": "the prompt alone fills cutoff_len, leaving no room for a completion",
     "identical_after_truncation": "chosen and rejected become identical once truncated to cutoff_len",
+    "identical_tokens": "chosen and rejected differ as text but not as tokens (the tokenizer's Unicode normalisation or "
+                        "the template's trimming makes them equal)",
+    "bad_text": "a text holds a lone surrogate (e.g. \\ud800 from a broken JSON escape): not valid Unicode, so it cannot "
+                "be tokenised",
 }
 
 LAYOUTS: dict[str, str] = {
@@ -43,6 +48,7 @@ SHAREGPT_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected":
 USER_SIDE = frozenset({"user", "tool"})
 ASSISTANT_SIDE = frozenset({"assistant"})
 _AUTO_ORDER = ("sharegpt", "alpaca", "trl", "trl_implicit")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, any surrogate code point is a lone (unpaired) one
 _JSON_CELLS = {"alpaca": {"history"}, "sharegpt": {"messages", "chosen", "rejected"},
                "trl": {"prompt", "chosen", "rejected"}, "trl_implicit": {"chosen", "rejected"}}
 
@@ -52,6 +58,7 @@ class RowSkipped(Exception):
 
     def __init__(self, reason: str, detail: str) -> None:
         assert reason in SKIP_REASONS, reason
+        detail = printable(detail)
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
 
@@ -164,7 +171,7 @@ def _decode_cell(text: str, pairs: bool) -> Any:
         return text
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, or nested too deeply
         return text
     items = value if isinstance(value, list) else [value]
     if pairs:
@@ -377,7 +384,26 @@ def normalise_row(data: Any, layout: str, spec: FormatSpec) -> tuple[list[Messag
             raise RowSkipped("empty_completion", f"'{row.column(key)}' is empty")
     if chosen == rejected:
         raise RowSkipped("identical_completions", "chosen and rejected are the same")
+    for part, messages in (("prompt", prompt), (row.column("chosen"), chosen), (row.column("rejected"), rejected)):
+        for i, message in enumerate(messages):
+            problem = lone_surrogate(message["content"])
+            if problem:
+                where = f"'{part}'" + (f" message {i} ({message['role']})" if part == "prompt" or len(messages) > 1 else "")
+                raise RowSkipped("bad_text", f"{where} {problem}; fix the text (its escapes or its encoding)")
     return prompt, chosen, rejected
+
+
+def printable(text: str) -> str:
+    """``text`` with line breaks, control and format characters and lone surrogates as escapes: one safe line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def lone_surrogate(text: str) -> str | None:
+    """'has a lone surrogate \\ud800 at character N' if ``text`` has one (it cannot be encoded or tokenised), else None."""
+    match = _SURROGATE.search(text)
+    return f"has a lone surrogate \\u{ord(match.group()):04x} at character {match.start()}" if match else None
 
 
 def normalise_rows(rows: Sequence[tuple[str, Any]], *, name: str, label: str, spec: FormatSpec,
@@ -406,7 +432,7 @@ def normalise_rows(rows: Sequence[tuple[str, Any]], *, name: str, label: str, sp
 
 def _no_layout_message(label: str, rows: Sequence[Any], spec: FormatSpec) -> str:
     """One line: the file, the columns found and the layouts expected."""
-    columns = sorted({key for data in rows if isinstance(data, dict) for key in data})
+    columns = sorted({printable(str(key)) for data in rows if isinstance(data, dict) for key in data})
     found = ", ".join(columns[:20]) + (", ..." if len(columns) > 20 else "") if columns else "none (no row is an object)"
     expected = [LAYOUTS[spec.formatting]] if spec.formatting else list(LAYOUTS.values())
     mapping = f" with columns mapping {spec.columns}" if spec.columns else ""

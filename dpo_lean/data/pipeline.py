@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +85,14 @@ def write_skip_report(data: PreparedData, directory: Path) -> Path:
               "skipped": [{"row_index": s.row_index, "source": s.source, "reason": s.reason, "detail": s.detail}
                           for s in data.skips]}
     path = Path(directory) / "skipped_rows.json"
-    atomic_write_text(path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    text = json.dumps(report, indent=1, ensure_ascii=False)
+    # A lone surrogate (a file name from undecodable bytes) cannot be written as UTF-8; JSON escapes it.
+    text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    atomic_write_text(path, text + "\n")
     return path
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _percentile(sorted_values: list[int], q: float) -> int:

@@ -28,6 +28,15 @@ SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 REGISTRY = "dataset_info.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_INT_DIGITS = 4000  # Python refuses int() of over 4300 digits; a longer JSON integer is read as a float
+
+
+def _parse_int(text: str) -> int | float:
+    """A JSON integer; one too long for int() becomes a float (it is a number either way, never a crash)."""
+    return int(text) if len(text) <= _INT_DIGITS else float(text)
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int)
 
 Rows = list[tuple[str, Any]]  # (where the row is, the raw row)
 
@@ -66,7 +75,11 @@ def load_records(dataset: str, dataset_dir: str = "data", max_samples: int | Non
             rows, fingerprint = _read_hub(resolved, max_samples)
             path = resolved.hub["id"]
         else:
-            rows, fingerprint = _read_file(resolved.path, max_samples), _sha256(resolved.path)
+            try:
+                rows, fingerprint = _read_file(resolved.path, max_samples), _sha256(resolved.path)
+            except OSError as exc:
+                raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
+                                   "is readable") from None
             path = str(resolved.path.resolve())
         label = str(resolved.path or spec)
         if not rows and max_samples != 0:
@@ -88,9 +101,9 @@ def _resolve(spec: str, base: Path) -> _Resolved:
     tried: list[str] = []
     candidates = [Path(spec)] if Path(spec).is_absolute() else [Path(spec), base / spec]
     for candidate in dict.fromkeys(candidates):
-        if candidate.is_file() and candidate.suffix.lower() in SUFFIXES:
+        if _is_file(candidate) and candidate.suffix.lower() in SUFFIXES:
             return _Resolved(spec, FormatSpec(), path=candidate)
-        note = f" (exists, but is not {'/'.join(SUFFIXES)})" if candidate.exists() else ""
+        note = f" (exists, but is not {'/'.join(SUFFIXES)})" if _exists(candidate) else ""
         tried.append(f"{candidate}{note}")
     registry, registry_path = _load_registry(base), base / REGISTRY
     if spec in registry:
@@ -106,17 +119,36 @@ def _resolve(spec: str, base: Path) -> _Resolved:
                        f"{'/'.join(SUFFIXES)} file, a name registered in {REGISTRY} or a hub id org/name")
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file(), but False (not OSError) for a name too long for the file system or unreadable."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _load_registry(base: Path) -> dict:
     """dataset_dir/dataset_info.json as a dict ({} if there is none)."""
     path = base / REGISTRY
-    if not path.is_file():
+    if not _is_file(path):
         return {}
     try:
-        registry = json.loads(path.read_text(encoding="utf-8-sig"))
+        registry = _DECODER.decode(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DpoLeanError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}); fix the file") from None
     except UnicodeDecodeError:
         raise DpoLeanError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except RecursionError:
+        raise DpoLeanError(f"{path}: nested too deeply to read; fix the file") from None
+    except OSError as exc:
+        raise DpoLeanError(f"{path}: cannot be read ({exc.strerror or exc}); check that the file is readable") from None
     if not isinstance(registry, dict):
         raise DpoLeanError(f"{path}: expected an object mapping dataset names to entries; fix the file")
     return registry
@@ -144,7 +176,7 @@ def _registered_file(file_name: str, base: Path, where: str) -> Path:
     if not path.resolve().is_relative_to(base.resolve()):
         raise DpoLeanError(f"{where}: file_name '{file_name}' resolves to {path.resolve()}, outside {base}; "
                            f"move or copy the file into {base}")
-    if not path.is_file():
+    if not _is_file(path):
         raise DpoLeanError(f"{where}: file_name '{file_name}' not found at {path} (dpo-lean reads single files); fix file_name")
     if path.suffix.lower() not in SUFFIXES:
         raise DpoLeanError(f"{where}: file_name '{file_name}' is not {'/'.join(SUFFIXES)}; convert it to one of those")
@@ -162,11 +194,25 @@ def _read_file(path: Path, max_samples: int | None) -> Rows:
         rows = _csv_rows(path)
     else:
         data = path.read_bytes()
-        if suffix == ".json" and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            rows = _json_array_rows(path, _decode(data, path))
+        text = _decode(data, path) if suffix == ".json" and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else None
+        if text is not None and not _first_line_is_a_row(text):
+            rows = _json_array_rows(path, text)
         else:
             rows = _jsonl_rows(path, data)
     return list(islice(rows, max_samples))
+
+
+def _first_line_is_a_row(text: str) -> bool:
+    """Whether a .json file that starts with '[' is JSON lines whose first row is a list: its first line is a
+    complete JSON value and more follows (a JSON array either spans lines or is the whole file)."""
+    first, _, rest = text.lstrip(" \t\r\n").partition("\n")
+    if not rest.strip(" \t\r\n"):
+        return False
+    try:
+        _DECODER.decode(first)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _decode(data: bytes, path: Path) -> str:
@@ -188,17 +234,19 @@ def _jsonl_rows(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = _DECODER.decode(line)
         except json.JSONDecodeError as exc:
             hint = ("; a .json file must hold one JSON array of objects or one object per line"
                     if path.suffix.lower() == ".json" else "; fix or remove that line")
             raise DpoLeanError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
+        except RecursionError:
+            raise DpoLeanError(f"{path} line {number}: nested too deeply to read; fix or remove that line") from None
         yield f"{path} line {number}", value
 
 
 def _json_array_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     """The elements of a top-level JSON array, each located by the line it starts on."""
-    decoder = json.JSONDecoder()
+    decoder = _DECODER
     pos = _JSON_SPACE.match(text, text.index("[") + 1).end()
     line, counted = 1, 0
     if text.startswith("]", pos):
@@ -209,6 +257,9 @@ def _json_array_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise DpoLeanError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); fix the file") from None
+        except RecursionError:
+            where = line + text.count("\n", counted, pos)
+            raise DpoLeanError(f"{path} line {where}: nested too deeply to read; fix the file") from None
         line += text.count("\n", counted, pos)
         counted = pos
         yield f"{path} line {line}", value

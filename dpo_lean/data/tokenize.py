@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .formats import lone_surrogate
 from .records import Record, Skip
 
 
@@ -79,14 +80,23 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], cutoff_l
 
 def tokenize_record(record: Record, tokenizer, chat_template: str, cutoff_len: int,
                     truncation_mode: str) -> TokenizedRow | Skip:
+    where = record.location or record.source
+    for part in ("prompt", "chosen", "rejected"):  # normalise_row skips these already; a Record built elsewhere may not
+        for i, message in enumerate(getattr(record, part)):
+            problem = lone_surrogate(message["content"])
+            if problem:
+                return Skip(record.row_index, where, "bad_text", f"{part} message {i} {problem}")
     prompt, chosen, rejected = split_completions(tokenizer, record, chat_template)
+    if chosen == rejected:
+        return Skip(record.row_index, where, "identical_tokens",
+                    f"chosen and rejected differ as text but give the same {len(chosen)} tokens")
     fitted = truncate(prompt, chosen, rejected, cutoff_len, truncation_mode)
     if fitted is None:
-        return Skip(record.row_index, record.location or record.source, "prompt_too_long",
+        return Skip(record.row_index, where, "prompt_too_long",
                     f"prompt has {len(prompt)} tokens, cutoff_len is {cutoff_len}")
     p, c, r = fitted
     if c == r:
-        return Skip(record.row_index, record.location or record.source, "identical_after_truncation",
+        return Skip(record.row_index, where, "identical_after_truncation",
                     f"chosen and rejected agree on their first {len(c)} tokens")
     truncated = (len(p), len(c), len(r)) != (len(prompt), len(chosen), len(rejected))
     return TokenizedRow(record.row_index, record.id, p, c, r, truncated)
