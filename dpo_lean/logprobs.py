@@ -104,12 +104,27 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.
     return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, flat_logps)
 
 
-def batch_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
-    """Run ``model`` (whose output head is deferred, see modeling.defer_output_head) and score the batch.
+def gather_logps(hidden: torch.Tensor, weight: torch.Tensor, score_index: torch.Tensor,
+                 score_targets: torch.Tensor, score_segment: torch.Tensor, num_segments: int,
+                 bias: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """Summed log-prob per segment, float32 [num_segments].
 
-    ``batch`` holds ``input_ids``, ``attention_mask`` and ``completion_mask`` ([2B, T]); the result is [2B].
+    hidden [rows, T, H]; score_index are flat positions into rows * T whose hidden state predicts
+    score_targets; score_segment says which completion each scored token belongs to.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    flat = hidden.reshape(-1, hidden.shape[-1])[score_index]
+    logps = token_logps(flat, weight, score_targets, bias, chunk_size)
+    return torch.zeros(num_segments, dtype=torch.float32, device=hidden.device).index_add(0, score_segment, logps)
+
+
+def batch_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
+    """Run ``model`` (its output head deferred, see modeling.defer_output_head) and score the batch: [2B].
+
+    ``batch`` comes from data.collate (either layout): the model gets ``input_ids``, ``attention_mask``
+    (and ``position_ids`` for the shared layout); the score fields say which tokens to sum.
+    """
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    out = model(**inputs, use_cache=False)
     head = model.get_output_embeddings().head
-    return sequence_logps(out.logits, head.weight, batch["input_ids"], batch["completion_mask"],
-                          bias=head.bias, chunk_size=chunk_size)
+    return gather_logps(out.logits, head.weight, batch["score_index"], batch["score_targets"],
+                        batch["score_segment"], 2 * batch["num_pairs"], bias=head.bias, chunk_size=chunk_size)

@@ -195,6 +195,48 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def prefix_sharing_works(model, dtype: torch.dtype) -> bool:
+    """Does this model score [prompt | chosen | rejected] under a 4-D mask as it scores two sequences?
+
+    Checked numerically on a small pair, so a model that ignores position_ids or 4-D masks, or an
+    attention kernel that cannot take them, is caught rather than trusted.
+    """
+    from .data.collate import collate_pairs, collate_shared
+    from .logprobs import batch_logps
+
+    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    dev = next(model.parameters()).device
+    # A long chosen completion moves the rejected positions far from where two sequences put them.
+    pair = ([[1, 5, 9, 13, 17]], [[2 + (7 * i) % 61 for i in range(32)]], [[3, 7, 11, 15]])
+    try:
+        with inference(model):
+            two = batch_logps(model, _to(collate_pairs(*pair, pad_id=0), dev))
+            one = batch_logps(model, _to(collate_shared(*pair, pad_id=0, mask_dtype=dtype), dev))
+    except Exception:  # any model that rejects the inputs falls back to two sequences
+        return False
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    return bool(torch.isfinite(one).all() and (one - two).abs().max() < tolerance)
+
+
+def _to(batch: dict, dev: torch.device) -> dict:
+    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def use_prefix_sharing(config: Config, model, dtype: torch.dtype) -> bool:
+    """prefix_sharing: false -> never; true -> required; auto -> where the model takes it (else one warning)."""
+    if config.prefix_sharing is False:
+        return False
+    works = prefix_sharing_works(model, dtype)
+    if not works and config.prefix_sharing is True:
+        raise DpoLeanError(f"config key 'prefix_sharing': true, but {model.config.model_type!r} with attention "
+                           f"{model.config._attn_implementation!r} cannot take a 4-D attention mask; set it to auto")
+    if not works:
+        warnings.warn(f"prefix sharing: {model.config.model_type!r} cannot take a 4-D attention mask; chosen and "
+                      "rejected run as two sequences", stacklevel=2)
+    return works
+
+
 @contextmanager
 def inference(model):
     """No-grad, dropout-off forward on the training numeric path (4-bit layers stay on the training kernel)."""

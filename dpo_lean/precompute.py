@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import cache, modeling
 from .config import Config, require
-from .data.collate import collate_pairs
+from .data.collate import collate_pairs, collate_shared
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.tokenize import TokenizedRow
 from .logprobs import batch_logps
@@ -53,11 +53,15 @@ def pending_parts(plan, done: set[int], num_shards: int, shard_index: int):
             yield i, batches
 
 
-def score_batch(model, rows: list[TokenizedRow], pad_id: int, chunk_size, dev, dtype) -> torch.Tensor:
-    """[chosen logps..., rejected logps...] for ``rows``; on CUDA out-of-memory, halves the batch and retries."""
-    batch = collate_pairs([r.prompt_ids for r in rows], [r.chosen_ids for r in rows],
-                          [r.rejected_ids for r in rows], pad_id)
-    batch = {k: v.to(dev) for k, v in batch.items()}
+def score_batch(model, rows: list[TokenizedRow], pad_id: int, chunk_size, dev, dtype,
+                shared: bool = False) -> torch.Tensor:
+    """[chosen logps..., rejected logps...] for ``rows``; on CUDA out-of-memory, halves the batch and retries.
+
+    ``shared``: one [prompt | chosen | rejected] sequence per pair (prefix sharing), else two sequences.
+    """
+    ids = [r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows]
+    batch = collate_shared(*ids, pad_id, mask_dtype=dtype) if shared else collate_pairs(*ids, pad_id)
+    batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     try:
         with modeling.inference(model), modeling.autocast(dtype, dev):
             return batch_logps(model, batch, chunk_size).cpu()
@@ -67,8 +71,8 @@ def score_batch(model, rows: list[TokenizedRow], pad_id: int, chunk_size, dev, d
         del batch
         torch.cuda.empty_cache()
         half = len(rows) // 2
-        a = score_batch(model, rows[:half], pad_id, chunk_size, dev, dtype)
-        b = score_batch(model, rows[half:], pad_id, chunk_size, dev, dtype)
+        a = score_batch(model, rows[:half], pad_id, chunk_size, dev, dtype, shared)
+        b = score_batch(model, rows[half:], pad_id, chunk_size, dev, dtype, shared)
         return torch.cat([a[:half], b[:len(rows) - half], a[half:], b[len(rows) - half:]])
 
 
@@ -78,11 +82,11 @@ class _PartResult:
     tokens: int
 
 
-def compute_part(model, batches, pad_id, chunk_size, dev, dtype, progress) -> _PartResult:
+def compute_part(model, batches, pad_id, chunk_size, dev, dtype, shared, progress) -> _PartResult:
     cols = {name: [] for name in cache.SCHEMA.names}
     tokens = 0
     for rows in batches:
-        logps = score_batch(model, rows, pad_id, chunk_size, dev, dtype)
+        logps = score_batch(model, rows, pad_id, chunk_size, dev, dtype, shared)
         n = len(rows)
         for i, r in enumerate(rows):
             cols["row_index"].append(r.row_index)
@@ -123,14 +127,16 @@ def run_precompute(config: Config) -> dict:
     dev = modeling.device()
     dtype = modeling.compute_dtype(config, dev, config.ref_precision)
     model = modeling.prepare_reference(config)
+    shared = modeling.use_prefix_sharing(config, model, dtype)
     chunk = config.logprob_chunk_size
     n_rows = sum(len(b) for _, batches in todo for b in batches)
-    click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard} -> {cache_dir}")
+    layout = "one shared sequence per pair" if shared else "two sequences per pair"
+    click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}, {layout} -> {cache_dir}")
     t0 = time.perf_counter()
     with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:
         progress.tokens, progress.t0 = 0, t0
         for plan_index, batches in todo:
-            part = compute_part(model, batches, tokenizer.pad_token_id, chunk, dev, dtype, progress)
+            part = compute_part(model, batches, tokenizer.pad_token_id, chunk, dev, dtype, shared, progress)
             name = cache.part_name(plan_index, part.columns["row_index"])
             cache.write_part(cache_dir, name, part.columns, fingerprint)
     seconds = time.perf_counter() - t0

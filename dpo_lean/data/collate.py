@@ -1,18 +1,44 @@
-"""Token ids of pairs -> one padded batch of 2B sequences: the chosen ones, then the rejected ones."""
+"""Token ids of pairs -> one padded batch, in one of two layouts the log-prob function scores alike.
+
+two sequences per pair (``collate_pairs``):   [prompt | chosen]  and  [prompt | rejected]
+one shared sequence per pair (``collate_shared``, prefix sharing):  [prompt | chosen | rejected]
+
+Both give ``score_index`` (flat positions into [rows * T] whose hidden state predicts a completion
+token), ``score_targets`` (that token) and ``score_segment`` (0..B-1 for chosen i, B..2B-1 for
+rejected i), so logprobs.batch_logps sums the same tokens with the same predictors either way.
+"""
 
 from __future__ import annotations
 
 import torch
 
 
+def _scores(spans: list[tuple[int, list[int], list[int]]], width: int, num_pairs: int, num_tokens: int) -> dict:
+    """spans: (row, predictor positions, target ids) per completion, chosen ones first, then rejected ones.
+
+    ``num_tokens`` counts prompt + chosen and prompt + rejected of every pair, whatever the layout, so
+    tokens/s compares layouts on the same work.
+    """
+    index, targets, segment = [], [], []
+    for seg, (row, positions, ids) in enumerate(spans):
+        index += [row * width + p for p in positions]
+        targets += ids
+        segment += [seg] * len(ids)
+    return {"score_index": torch.tensor(index, dtype=torch.long),
+            "score_targets": torch.tensor(targets, dtype=torch.long),
+            "score_segment": torch.tensor(segment, dtype=torch.long), "num_pairs": num_pairs,
+            "num_tokens": num_tokens}
+
+
 def collate_pairs(prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]],
-                  pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``completion_mask`` ([2B, T]).
+                  pad_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``completion_mask`` ([2B, T]) plus the score fields.
 
     Row i is prompt_i + chosen_i, row B + i is prompt_i + rejected_i; completion_mask is 1 on
     completion tokens only.
     """
     seqs = [p + c for p, c in zip(prompts, chosens)] + [p + r for p, r in zip(prompts, rejecteds)]
+    completions = list(chosens) + list(rejecteds)
     prompt_lens = [len(p) for p in prompts] * 2
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -22,4 +48,47 @@ def collate_pairs(prompts: list[list[int]], chosens: list[list[int]], rejecteds:
         input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, :len(seq)] = 1
         completion_mask[i, n_prompt:len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    spans = [(i, list(range(n - 1, n - 1 + len(c))), c) for i, (n, c) in enumerate(zip(prompt_lens, completions))]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+            **_scores(spans, width, len(prompts), sum(len(s) for s in seqs))}
+
+
+def shared_attention_mask(p: int, c: int, r: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[width, width] additive mask for [prompt | chosen | rejected | padding].
+
+    Causal, and rejected never sees chosen; padding rows see only themselves (no all-masked row,
+    so no NaN from the softmax).
+    """
+    region = torch.full((width,), 3)
+    region[:p], region[p:p + c], region[p + c:p + c + r] = 0, 1, 2
+    i, j = torch.arange(width)[:, None], torch.arange(width)[None, :]
+    allowed = (j <= i) & ((region[None, :] == 0) | (region[None, :] == region[:, None])) & (region[:, None] != 3)
+    allowed |= i == j
+    return torch.zeros((width, width), dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def collate_shared(prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]],
+                   pad_id: int, mask_dtype: torch.dtype = torch.float32) -> dict:
+    """One row per pair, [prompt | chosen | rejected], with a 4-D mask and position ids.
+
+    Rejected positions restart where the prompt ends; the last prompt position predicts the first
+    token of both completions.
+    """
+    seqs = [p + c + r for p, c, r in zip(prompts, chosens, rejecteds)]
+    width = max(len(s) for s in seqs)
+    b = len(seqs)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    mask = torch.empty((b, 1, width, width), dtype=mask_dtype)
+    chosen_spans, rejected_spans = [], []
+    for i, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds)):
+        n_p, n_c, n_r = len(p), len(c), len(r)
+        input_ids[i, :n_p + n_c + n_r] = torch.tensor(p + c + r, dtype=torch.long)
+        position_ids[i, :n_p + n_c + n_r] = torch.tensor(
+            list(range(n_p + n_c)) + list(range(n_p, n_p + n_r)), dtype=torch.long)
+        mask[i, 0] = shared_attention_mask(n_p, n_c, n_r, width, mask_dtype)
+        chosen_spans.append((i, list(range(n_p - 1, n_p + n_c - 1)), c))
+        rejected_spans.append((i, [n_p - 1] + list(range(n_p + n_c, n_p + n_c + n_r - 1)), r))
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+            **_scores(chosen_spans + rejected_spans, width, b,
+                      sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds)))}

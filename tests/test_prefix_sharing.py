@@ -1,0 +1,103 @@
+"""Prefix sharing: [prompt | chosen | rejected] in one sequence scores exactly like two sequences."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from dpo_lean import modeling
+from dpo_lean.data.collate import collate_pairs, collate_shared, shared_attention_mask
+from dpo_lean.data.pipeline import prepare_data
+from dpo_lean.errors import DpoLeanError
+from dpo_lean.logprobs import batch_logps
+
+
+def test_mask_by_hand():
+    # prompt 2, chosen 2, rejected 1, one padding position
+    allowed = shared_attention_mask(2, 2, 1, 6, torch.float32) == 0
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],  # prompt
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],  # chosen sees the prompt and earlier chosen
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],  # rejected sees the prompt and itself, never chosen
+        [0, 0, 0, 0, 0, 1],  # padding sees only itself
+    ], dtype=torch.bool)
+    assert torch.equal(allowed, expected)
+
+
+def test_positions_and_scored_tokens_by_hand():
+    batch = collate_shared([[10, 11]], [[20, 21]], [[30]], pad_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts after the prompt
+    # chosen 20 <- position 1, 21 <- 2; rejected 30 <- position 1 (the last prompt position)
+    assert batch["score_index"].tolist() == [1, 2, 1]
+    assert batch["score_targets"].tolist() == [20, 21, 30]
+    assert batch["score_segment"].tolist() == [0, 0, 1]
+    assert batch["num_tokens"] == collate_pairs([[10, 11]], [[20, 21]], [[30]], 0)["num_tokens"] == 7
+
+
+def _rows(tiny_config, tiny_tokenizer, tmp_path):
+    """Fixture rows (some with a system message) plus multi-turn rows, cut by a small cutoff_len."""
+    import json
+
+    turns = [{"from": "system", "value": "Be terse."}, {"from": "human", "value": "Name a colour."},
+             {"from": "gpt", "value": "Red."}, {"from": "human", "value": "Another one, and a fruit?"}]
+    extra = [{"conversations": turns[i:], "chosen": {"from": "gpt", "value": "Blue and apple " * (k + 1)},
+              "rejected": {"from": "gpt", "value": "no"}} for i, k in ((0, 1), (1, 6), (0, 12))]
+    path = tmp_path / "multi.json"
+    path.write_text(json.dumps(extra))
+    config = tiny_config(copy_cache=False, dataset=f"demo_case,{path}", cutoff_len=40)
+    data = prepare_data(config, tiny_tokenizer)
+    assert data.num_truncated > 0 and any(len(r.prompt_ids) > 30 for r in data.rows)
+    return config, data.rows[:8] + data.rows[-3:]
+
+
+def test_shared_equals_two_sequences_in_value_and_lora_gradient(tiny_config, tiny_tokenizer, tmp_path):
+    config, rows = _rows(tiny_config, tiny_tokenizer, tmp_path)
+    policy = modeling.prepare_policy(config)
+    lora = [p for p in policy.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    for p in lora:  # move LoRA off its zero start so gradients reach every adapter weight
+        p.data.normal_(0, 0.05)
+    policy.train()
+    ids = [r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows]
+    weights = torch.randn(2 * len(rows))  # an arbitrary upstream gradient per completion
+    results = []
+    for batch in (collate_pairs(*ids, pad_id=0), collate_shared(*ids, pad_id=0)):
+        logps = batch_logps(policy, batch)
+        results.append((logps.detach(), torch.autograd.grad((logps * weights).sum(), lora)))
+    (two, g_two), (one, g_one) = results
+    assert (one - two).abs().max().item() < 1e-4
+    for a, b in zip(g_one, g_two):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_a_model_that_cannot_take_the_mask_falls_back_with_one_warning(tiny_config, monkeypatch):
+    config = tiny_config(copy_cache=False)
+    model = modeling.prepare_reference(config)
+    assert modeling.use_prefix_sharing(config, model, torch.float32)
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, position_ids=None, **kw: forward(*a, **kw))  # drops positions
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not modeling.use_prefix_sharing(config, model, torch.float32)
+    assert len([w for w in caught if "prefix sharing" in str(w.message)]) == 1
+    with pytest.raises(DpoLeanError, match="prefix_sharing"):
+        modeling.use_prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=True), model, torch.float32)
+    assert not modeling.use_prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=False), model, torch.float32)
+
+
+def test_the_cache_serves_either_layout(tiny_config, tmp_path):
+    """A cache computed without prefix sharing passes train's fingerprint check with it, and agrees in value."""
+    from dpo_lean import cache, train
+    from dpo_lean.precompute import run_precompute
+
+    two = tiny_config(copy_cache=False, prefix_sharing=False, ref_cache_dir=str(tmp_path / "two"))
+    run_precompute(two)
+    train.prepare_run(tiny_config(copy_cache=False, prefix_sharing=True, ref_cache_dir=str(tmp_path / "two")))
+    shared = cache.scan(tiny_config().resolved_ref_cache_dir).table.sort_by("row_index").to_pydict()
+    separate = cache.scan(tmp_path / "two").table.sort_by("row_index").to_pydict()
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert max(abs(a - b) for a, b in zip(shared[column], separate[column])) < 1e-4
