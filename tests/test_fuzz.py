@@ -448,9 +448,9 @@ YAML_SNIPPETS = [
 
 @settings(max_examples=200, deadline=None)
 @given(doc=st.one_of(
-    config_dicts.filter(lambda d: all(isinstance(k, str) for k in d)).map(
-        lambda d: yaml.safe_dump({k: (str(v) if isinstance(v, int) and abs(v) > 10**300 else v) for k, v in d.items()}
-                                 if not any(isinstance(v, bytes) for v in d.values()) else {}, allow_unicode=True)),
+    st.dictionaries(config_keys, st.recursive(yaml_scalars | st.dates(), lambda inner: st.lists(inner, max_size=3)
+                                              | st.dictionaries(st.text(max_size=3), inner, max_size=2), max_leaves=6),
+                    max_size=6).map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
     st.sampled_from(YAML_SNIPPETS), st.text(max_size=40), st.binary(max_size=40)),
     overrides=st.lists(st.one_of(st.text(max_size=20), st.tuples(config_keys, st.text(max_size=12)).map("=".join)),
                        max_size=3))
@@ -665,6 +665,14 @@ def test_regression_registry_column_with_line_break_gives_one_line_skip_detail(t
     loaded = load_records("pairs", dataset_dir=str(tmp_path))
     assert [(s.row_index, s.reason) for s in loaded.skips] == [(1, "missing_field")]
     assert loaded.skips[0].detail == "'q\\nx' is missing or null"
+
+
+@pytest.mark.parametrize("file_name", ["\ud800.jsonl", "a\u0000b.jsonl"])
+def test_regression_dataset_info_file_name_that_is_no_path_is_one_line_error(tmp_path, file_name):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"pairs": {"file_name": file_name}}))
+    with pytest.raises(DpoLeanError) as err:
+        load_records("pairs", dataset_dir=str(tmp_path))
+    assert "not a usable path" in assert_one_line(err.value, "dataset_info.json", "'pairs'")
 
 
 def test_regression_json_lines_in_a_json_file_whose_first_row_is_a_list(tmp_path):

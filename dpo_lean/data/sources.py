@@ -173,7 +173,11 @@ def _from_entry(name: str, entry: Any, base: Path, registry_path: Path) -> _Reso
 def _registered_file(file_name: str, base: Path, where: str) -> Path:
     """dataset_dir/file_name, refusing anything that resolves (via .. , absolute path or symlink) outside it."""
     path = base / file_name
-    if not path.resolve().is_relative_to(base.resolve()):
+    try:
+        inside = path.resolve().is_relative_to(base.resolve())
+    except (OSError, ValueError):  # a NUL byte, a lone surrogate, a symlink loop
+        raise DpoLeanError(f"{where}: file_name '{file_name}' is not a usable path; fix file_name") from None
+    if not inside:
         raise DpoLeanError(f"{where}: file_name '{file_name}' resolves to {path.resolve()}, outside {base}; "
                            f"move or copy the file into {base}")
     if not _is_file(path):
