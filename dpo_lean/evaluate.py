@@ -78,19 +78,27 @@ def score(config: Config, model, eval_set: train.EvalSet, pad_id: int) -> dict[s
     return {f"eval_{key}": means[key] for key in SHOWN}
 
 
+def eval_rows(config: Config) -> tuple[train.EvalSet, int]:
+    """(the rows to score, the pad id): eval_dataset with its own cache, or the val_size rows training held out."""
+    if config.eval_dataset:  # the training cache is not needed
+        tokenizer = modeling.load_tokenizer(config)
+        return train.load_eval_dataset(config, tokenizer), tokenizer.pad_token_id
+    if not config.val_size:
+        raise DpoLeanError("config key 'val_size' is 0 and eval_dataset is unset: evaluate needs rows; set val_size "
+                           "(rows held out of dataset, as in training) or eval_dataset (then run precompute)")
+    tokenizer, data, _, ref = train.prepare_run(config)
+    return train.split_eval(config, tokenizer, data, ref)[1], tokenizer.pad_token_id
+
+
 def run_evaluate(config: Config) -> dict:
     """Score the adapter, print a table, write <output_dir>/dpo_metrics/eval_results.json."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DpoLeanError("evaluate runs in one process; run `dpo-lean evaluate CONFIG.yaml` without "
                            "torchrun or accelerate launch")
     adapter = adapter_path(config)
-    tokenizer, data, _, ref = train.prepare_run(config)
-    _, eval_set = train.split_eval(config, tokenizer, data, ref)
-    if not eval_set.rows:
-        raise DpoLeanError("config key 'val_size' is 0 and eval_dataset is unset: evaluate needs rows; set val_size "
-                           "(rows held out of dataset, as in training) or eval_dataset (then run precompute)")
+    eval_set, pad_id = eval_rows(config)
     click.echo(f"evaluate: adapter {adapter} on {len(eval_set.rows)} pairs ({eval_set.source})")
-    metrics = score(config, load_policy(config, adapter), eval_set, tokenizer.pad_token_id)
+    metrics = score(config, load_policy(config, adapter), eval_set, pad_id)
     click.echo(format_table(metrics))
     results = {**metrics, "rows": len(eval_set.rows), "rows_from": eval_set.source, "adapter": str(adapter),
                "pref_loss": config.pref_loss, "pref_beta": config.pref_beta}

@@ -20,6 +20,7 @@ import gc
 import io
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,9 @@ def run_sweep(config_path, overrides) -> dict:
     """Precompute once, train every combination, write the comparison table and plot."""
     from .precompute import run_precompute
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DpoLeanError("sweep runs in one process; run `dpo-lean sweep CONFIG.yaml ...` without torchrun or "
+                           "accelerate launch")
     fixed, axes = parse_sweep(overrides)
     base = load_config(config_path, fixed)
     runs = plan_runs(config_path, fixed, axes, base)

@@ -296,9 +296,15 @@ class EvalSet:
 
 def split_eval(config: Config, tokenizer, data, ref) -> tuple[list[TokenizedRow], EvalSet]:
     """Training rows and the eval set: eval_dataset with its own cache, or the val_size rows held out by seed."""
-    if not config.eval_dataset:
-        train_rows, eval_rows = split_rows(data.rows, config.val_size, config.seed)
-        return train_rows, EvalSet(eval_rows, ref, f"val_size={config.val_size:g} of {config.dataset}")
+    if config.eval_dataset:
+        return data.rows, load_eval_dataset(config, tokenizer)
+    train_rows, eval_rows = split_rows(data.rows, config.val_size, config.seed)
+    return train_rows, EvalSet(eval_rows, ref, f"val_size={config.val_size:g} of {config.dataset}")
+
+
+def load_eval_dataset(config: Config, tokenizer) -> EvalSet:
+    """eval_dataset's rows with the reference log-probs of its own cache (eval_ref_cache_dir), verified alike."""
+    require(config, "model_name_or_path", "eval_dataset")
     eval_config = config.eval_set_config()
     eval_data = prepare_data(eval_config, tokenizer)
     _say(f"eval data: {skip_summary(eval_data)}")
@@ -306,7 +312,7 @@ def split_eval(config: Config, tokenizer, data, ref) -> tuple[list[TokenizedRow]
         _say(f"skipped eval rows listed in {write_skip_report(eval_data, eval_config.metrics_dir)}")
     fingerprint = cache.build_fingerprint(eval_config, tokenizer, eval_data, modeling.reference_spec(eval_config))
     eval_ref = load_reference(eval_config, fingerprint, eval_data.rows, what="eval rows")
-    return data.rows, EvalSet(eval_data.rows, eval_ref, f"eval_dataset={config.eval_dataset}", fingerprint)
+    return EvalSet(eval_data.rows, eval_ref, f"eval_dataset={config.eval_dataset}", fingerprint)
 
 
 def is_main_process() -> bool:

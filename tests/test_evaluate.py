@@ -99,6 +99,7 @@ def test_eval_dataset_gets_its_own_cache_from_precompute_and_train_evaluates_on_
     summary = json.loads((config.metrics_dir / "summary.json").read_text())
     assert summary["rows"] == {"train": 64, "eval": 12, "skipped": 0}
     assert summary["eval_cache_fingerprint"]["dataset"]["rows"] == 12
+    shutil.rmtree(tmp_path / "ref_cache")  # evaluating on eval_dataset needs its cache only
     results = run_evaluate(config)
     assert results["rows"] == 12 and results["rows_from"].startswith("eval_dataset=")
     assert_same_eval(results, {f"eval_{k}": v for k, v in summary["final_eval"].items()})

@@ -112,3 +112,9 @@ def test_sweep_trains_every_combination_against_one_cache_and_resumes_where_it_s
     assert again["status"] == {**dict.fromkeys(RUNS, "skipped"), RUNS[2]: "resumed"} and seen == [True]
     summary = json.loads((interrupted / "dpo_metrics" / "summary.json").read_text())
     assert summary["finished"] is True and summary["global_step"] == 4
+
+
+def test_sweep_under_a_launcher_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DpoLeanError, match="sweep runs in one process; run `dpo-lean sweep CONFIG.yaml ...` without"):
+        run_sweep(tmp_path / "cfg.yaml", ["pref_beta=0.1,0.2"])
