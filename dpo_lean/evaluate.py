@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import click
@@ -47,7 +48,9 @@ def load_policy(config: Config, adapter: str):
 
     base = modeling.load_base_model(config)
     try:
-        model = PeftModel.from_pretrained(base, adapter)
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(base, adapter)
     except (OSError, ValueError, RuntimeError) as e:
         raise DpoLeanError(f"config key 'adapter_name_or_path': cannot load the adapter {adapter!r} on "
                            f"{config.model_name_or_path!r} ({str(e).strip().splitlines()[0]})") from None
