@@ -2,13 +2,15 @@
 
 Property-based tests (hypothesis) feed random JSON structures, wrong types and unicode edge cases (empty
 strings, lone surrogates, NUL bytes, RTL text, combining marks, emoji, 200k-character lines) to the loader
-as .json/.jsonl files and as in-memory rows, through tokenisation with the tiny fixture tokenizer, and
+as .json/.jsonl/.csv files and as in-memory rows, through tokenisation with the tiny fixture tokenizer, and
 random keys and values to the config (dict, YAML text, overrides) and to ``dpo-lean data-check``.
-The ``test_regression_*`` tests pin each bug the fuzzing found.
+The ``test_regression_*`` tests pin each bug the fuzzing (or probing around it) found, named for the bug.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from hypothesis import event, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from dpo_lean.cli import main
@@ -239,14 +241,36 @@ def dump(value, ascii_only: bool) -> str:
     return re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-FILE_FORMATS = ["json_array", "json_array_pretty", "jsonl", "json_lines"]
+FILE_FORMATS = ["json_array", "json_array_pretty", "jsonl", "json_lines", "csv"]
+
+
+def csv_cell(value) -> str:
+    """A CSV cell: text as it is (a lone surrogate, which UTF-8 cannot hold, as its escape), anything else as JSON."""
+    text = value if isinstance(value, str) and not isinstance(value, Raw) else dump(value, ascii_only=False)
+    return re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def write_rows(directory: Path, rows: list, fmt: str, ascii_only: bool, noise: bool) -> Path:
-    """Write rows as a .json array or JSON lines (.jsonl or .json); ``noise``: BOM, CRLF, blank lines."""
-    suffix = ".jsonl" if fmt == "jsonl" else ".json"
+    """Write rows as a .json array, JSON lines (.jsonl or .json) or CSV; ``noise``: BOM, CRLF, blank lines.
+
+    CSV: the header is every key of the object rows (or one column); a non-object row becomes its cells."""
+    suffix = {"jsonl": ".jsonl", "csv": ".csv"}.get(fmt, ".json")
     path = directory / f"rows_{fmt}{suffix}"
-    if fmt.startswith("json_array"):
+    if fmt == "csv":
+        header = list(dict.fromkeys(csv_cell(k) for r in rows if isinstance(r, dict) for k in r)) or ["prompt"]
+        lines = []
+        for r in rows:
+            if isinstance(r, dict):
+                cells = {csv_cell(k): csv_cell(v) for k, v in r.items()}
+                lines.append([cells.get(k, "") for k in header])
+            else:
+                lines.append([csv_cell(v) for v in r] if isinstance(r, list) and r else [csv_cell(r)])
+        handle = io.StringIO(newline="")
+        writer = csv.writer(handle, lineterminator="\r\n")  # a cell holding a bare \r or \n is then quoted
+        writer.writerow(header)
+        writer.writerows(lines)
+        text = handle.getvalue()
+    elif fmt.startswith("json_array"):
         sep = ",\n  " if fmt.endswith("pretty") else ","
         text = "[" + sep.join(dump(r, ascii_only) for r in rows) + "]"
     else:
@@ -274,8 +298,9 @@ def check_loaded(path: Path, num_rows: int, **kwargs):
         loaded = load_records(str(path), **kwargs)
     except DpoLeanError as err:
         message = assert_one_line(err, str(path))
-        assert re.search("no row matches|has no rows|nested too deeply", message), message
-        event(f"load: error {re.search('no row matches|has no rows|nested too deeply', message).group()}")
+        verdict = re.search("no row matches|has no rows|nested too deeply|appears more than once in the header", message)
+        assert verdict, message
+        event(f"load: error {verdict.group()}")
         return None
     event(f"load: {min(len(loaded.records), 2)}+ records")
     assert loaded.num_rows == num_rows
@@ -296,7 +321,7 @@ def check_prepared(path: Path, num_rows: int, tokenizer, directory: Path, **over
         data = prepare_data(config, tokenizer)
     except DpoLeanError as err:
         message = assert_one_line(err, str(path))
-        assert re.search("no row matches|has no rows|nested too deeply|rows were skipped", message), message
+        assert re.search("no row matches|has no rows|nested too deeply|rows were skipped|appears more than once", message)
         event("prepare: all rows skipped")
         return
     event(f"prepare: {min(len(data.rows), 2)}+ rows tokenised")
@@ -331,6 +356,7 @@ CORRUPTIONS = ["bad_utf8", "garbage_line", "cut_end", "unclosed"]
 @given(rows=st.lists(LAYOUT_ROWS["trl"], min_size=1, max_size=4), fmt=st.sampled_from(FILE_FORMATS),
        corruption=st.sampled_from(CORRUPTIONS), where=st.floats(0, 1))
 def test_corrupt_files_are_one_line_errors_naming_file_and_line(rows, fmt, corruption, where):
+    assume(fmt != "csv" or corruption == "bad_utf8")  # a CSV has no syntax to break but its encoding
     with tempfile.TemporaryDirectory() as tmp:
         path = write_rows(Path(tmp), rows, fmt, ascii_only=False, noise=False)
         data = path.read_bytes()
@@ -693,3 +719,22 @@ def test_regression_skip_report_with_undecodable_file_name_is_utf8(tmp_path, tin
     data = prepare_data(config, tiny_tokenizer)
     report = json.loads(write_skip_report(data, tmp_path / "metrics").read_text(encoding="utf-8"))
     assert report["skipped"][0]["source"] == f"{path} line 2"
+
+
+def test_regression_csv_header_with_a_repeated_column_is_one_line_error(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("prompt,chosen,prompt,rejected\nSay hi.,Hi!,Say bye.,No.\n", encoding="utf-8")
+    with pytest.raises(DpoLeanError) as err:  # csv.DictReader kept the last 'prompt' silently
+        load_records(str(path))
+    assert "column 'prompt' appears more than once" in assert_one_line(err.value, f"{path} line 1")
+
+
+def test_regression_csv_row_with_more_cells_than_the_header_is_an_extra_cells_skip(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("prompt,chosen,rejected\nSay hi, please.,Hi!,No.\nSay hi.,Hi!,No.,\n", encoding="utf-8")
+    loaded = load_records(str(path))  # row 0 was kept as prompt "Say hi", chosen " please.", rejected "Hi!"
+    assert [(s.row_index, s.reason, s.source) for s in loaded.skips] == [(0, "extra_cells", f"{path} line 2")]
+    assert loaded.skips[0].detail.startswith("4 cells under a header of 3 columns")
+    assert [r.row_index for r in loaded.records] == [1]  # an empty trailing cell is harmless
+    path.write_text("prompt,chosen,rejected\nSay hi, please.,Hi!,No.\n", encoding="utf-8")
+    assert [s.reason for s in load_records(str(path)).skips] == ["extra_cells"]  # layout still detected

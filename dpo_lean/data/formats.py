@@ -30,6 +30,8 @@ SKIP_REASONS: dict[str, str] = {
     "identical_after_truncation": "chosen and rejected become identical once truncated to cutoff_len",
     "identical_tokens": "chosen and rejected differ as text but not as tokens (the tokenizer's Unicode normalisation or "
                         "the template's trimming makes them equal)",
+    "extra_cells": "a CSV row has more cells than the header has columns (often an unquoted comma), so its cells "
+                   "cannot be matched to columns",
     "bad_text": "a text holds a lone surrogate (e.g. \\ud800 from a broken JSON escape): not valid Unicode, so it cannot "
                 "be tokenised",
 }
@@ -61,6 +63,15 @@ class RowSkipped(Exception):
         detail = printable(detail)
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class UnusableRow:
+    """A row its file reader could not take apart (e.g. a CSV row with more cells than the header): a counted skip."""
+
+    reason: str  # a SKIP_REASONS key
+    detail: str
+    data: dict = field(default_factory=dict)  # what could be read, for layout detection only
 
 
 @dataclass(frozen=True)
@@ -364,6 +375,7 @@ def detect_layout(rows: Sequence[Any], spec: FormatSpec) -> str | None:
     order = (spec.formatting,) if spec.formatting else _AUTO_ORDER
     counts: Counter[str] = Counter()
     for data in rows:
+        data = data.data if isinstance(data, UnusableRow) else data
         if isinstance(data, dict):
             layout = next((name for name in order if _matches(data, name, spec)), None)
             if layout:
@@ -375,6 +387,8 @@ def detect_layout(rows: Sequence[Any], spec: FormatSpec) -> str | None:
 
 def normalise_row(data: Any, layout: str, spec: FormatSpec) -> tuple[list[Message], list[Message], list[Message]]:
     """(prompt, chosen, rejected) for one raw row; raises RowSkipped with a SKIP_REASONS key."""
+    if isinstance(data, UnusableRow):
+        raise RowSkipped(data.reason, data.detail)
     if not isinstance(data, dict):
         raise RowSkipped("not_an_object", f"row is {_type_name(data)}, expected an object")
     row = _Row(data, spec, layout)
@@ -432,6 +446,7 @@ def normalise_rows(rows: Sequence[tuple[str, Any]], *, name: str, label: str, sp
 
 def _no_layout_message(label: str, rows: Sequence[Any], spec: FormatSpec) -> str:
     """One line: the file, the columns found and the layouts expected."""
+    rows = [data.data if isinstance(data, UnusableRow) else data for data in rows]
     columns = sorted({printable(str(key)) for data in rows if isinstance(data, dict) for key in data})
     found = ", ".join(columns[:20]) + (", ..." if len(columns) > 20 else "") if columns else "none (no row is an object)"
     expected = [LAYOUTS[spec.formatting]] if spec.formatting else list(LAYOUTS.values())

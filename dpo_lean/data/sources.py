@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from itertools import islice
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DpoLeanError
-from .formats import FormatSpec, normalise_rows
+from .formats import FormatSpec, UnusableRow, normalise_rows
 from .records import Record, Skip
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -303,14 +304,25 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """CSV rows as {header: string} dicts, each located by the line it starts on."""
+    """CSV rows as {header: string} dicts, each located by the line it starts on.
+
+    A repeated header name is an error (one of the columns would be dropped); a row with non-empty cells
+    beyond the header is an ``extra_cells`` skip (its cells cannot be matched to columns).
+    """
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         start = 2
         try:
+            repeated = [name for name, n in Counter(reader.fieldnames or []).items() if n > 1]
+            if repeated:
+                raise DpoLeanError(f"{path} line 1: column '{repeated[0]}' appears more than once in the header; "
+                                   "rename or remove the repeats")
             for row in reader:
-                row.pop(None, None)  # cells beyond the header
+                extra = row.pop(None, None) or []  # cells beyond the header
+                if any(cell.strip() for cell in extra):
+                    row = UnusableRow("extra_cells", f"{len(reader.fieldnames) + len(extra)} cells under a header of "
+                                                     f"{len(reader.fieldnames)} columns; quote cells that hold commas", row)
                 yield f"{path} line {start}", row
                 start = reader.line_num + 1
         except csv.Error as exc:
