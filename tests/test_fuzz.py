@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from hypothesis import assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from dpo_lean.cli import main
@@ -125,6 +125,9 @@ def test_regression_error_with_lone_surrogate_is_printable():
 
 
 # --- strategies: text, JSON values, rows -------------------------------------------------------
+
+# No deadline and no too-slow check: a 200k-character line takes a while to tokenise, more so on a busy CI machine.
+FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 LONG_LINE = "long " * 40_000  # a 200,000-character line
 EDGE_TEXTS = [
@@ -338,7 +341,7 @@ def check_prepared(path: Path, num_rows: int, tokenizer, directory: Path, **over
     assert report["rows_kept"] + len(report["skipped"]) == report["rows_loaded"] == num_rows
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=150, **FUZZ)
 @given(rows=dataset_rows(), fmt=st.sampled_from(FILE_FORMATS), ascii_only=st.booleans(), noise=st.booleans(),
        cutoff_len=st.sampled_from([512, 2, 24, 2048]), mode=st.sampled_from(["keep_end", "keep_start"]))
 def test_fuzzed_files_load_and_tokenise_to_counted_rows_or_one_line_error(rows, fmt, ascii_only, noise, cutoff_len, mode,
@@ -352,7 +355,7 @@ def test_fuzzed_files_load_and_tokenise_to_counted_rows_or_one_line_error(rows, 
 CORRUPTIONS = ["bad_utf8", "garbage_line", "cut_end", "unclosed"]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, **FUZZ)
 @given(rows=st.lists(LAYOUT_ROWS["trl"], min_size=1, max_size=4), fmt=st.sampled_from(FILE_FORMATS),
        corruption=st.sampled_from(CORRUPTIONS), where=st.floats(0, 1))
 def test_corrupt_files_are_one_line_errors_naming_file_and_line(rows, fmt, corruption, where):
@@ -390,7 +393,7 @@ FORMAT_ENTRIES = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=250, **FUZZ)
 @given(rows=st.lists(st.one_of(*LAYOUT_ROWS.values(), json_values, st.binary(max_size=4), st.sets(st.integers(), max_size=2),
                                st.dates(), st.dictionaries(keys, json_values | st.binary(max_size=3), max_size=3)),
                      max_size=6),
@@ -413,7 +416,7 @@ def test_in_memory_rows_normalise_to_records_or_counted_skips(rows, entry, text_
     assert all(s.source == f"mem row {s.row_index}" for s in skips)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, **FUZZ)
 @given(rows=st.lists(st.one_of(*LAYOUT_ROWS.values()), min_size=1, max_size=3), entry=FORMAT_ENTRIES,
        registry_shape=st.sampled_from(["entry", "entry", "not_a_dict", "entry_not_a_dict"]) )
 def test_fuzzed_dataset_info_entries_load_or_one_line_error(rows, entry, registry_shape):
@@ -453,7 +456,7 @@ def assert_valid_config(config: Config, raw: dict) -> None:
             assert math.isfinite(value) or (math.isnan(value) is False), (name, value)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, **FUZZ)
 @given(raw=config_dicts)
 def test_fuzzed_config_dicts_validate_or_one_line_error(raw):
     try:
@@ -472,7 +475,7 @@ YAML_SNIPPETS = [
 ]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, **FUZZ)
 @given(doc=st.one_of(
     st.dictionaries(config_keys, st.recursive(yaml_scalars | st.dates(), lambda inner: st.lists(inner, max_size=3)
                                               | st.dictionaries(st.text(max_size=3), inner, max_size=2), max_leaves=6),
@@ -504,7 +507,7 @@ def report_counts(stdout: str) -> dict[str, int]:
     return counts
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=50, **FUZZ)
 @given(rows=dataset_rows(max_size=5), fmt=st.sampled_from(FILE_FORMATS),
        extra=st.just({}) | st.dictionaries(
            config_keys.filter(lambda k: k not in ("model_name_or_path", "output_dir", "dataset")),
