@@ -62,9 +62,9 @@ def load_policy(config: Config, adapter: str):
 def score(config: Config, model, eval_set: train.EvalSet, pad_id: int) -> dict[str, float]:
     """Means over all rows of the loss, the reward stats and the log-ratios (TRL's names, ``eval_`` prefix)."""
     dataset = train.to_dataset(eval_set.rows, eval_set.ref)
-    collate = train.PairCollator(pad_id)
     dev = modeling.device()
     dtype = modeling.compute_dtype(config, dev)
+    collate = train.PairCollator(pad_id, modeling.use_prefix_sharing(config, model, dtype), dtype)
     per_row: dict[str, list[torch.Tensor]] = {}
     size = config.per_device_eval_batch_size
     for start in range(0, len(dataset), size):

@@ -124,7 +124,7 @@ def batch_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tens
     (and ``position_ids`` for the shared layout); the score fields say which tokens to sum.
     """
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    out = model(**inputs, use_cache=False)
-    head = model.get_output_embeddings().head
+    out = model(**inputs, use_cache=False)  # a DDP wrapper's forward, so gradients synchronise
+    head = getattr(model, "module", model).get_output_embeddings().head
     return gather_logps(out.logits, head.weight, batch["score_index"], batch["score_targets"],
                         batch["score_segment"], 2 * batch["num_pairs"], bias=head.bias, chunk_size=chunk_size)

@@ -22,7 +22,7 @@ import torch
 
 from . import cache, modeling
 from .config import Config, require
-from .data.collate import collate_pairs
+from .data.collate import collate_pairs, collate_shared
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.tokenize import TokenizedRow
 from .errors import DpoLeanError
@@ -96,11 +96,17 @@ def to_dataset(rows: list[TokenizedRow], ref: dict):
 
 @dataclass
 class PairCollator:
-    pad_id: int
+    """Pairs -> a batch for batch_logps: two sequences per pair, or one shared sequence (prefix sharing)."""
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = collate_pairs([f["prompt_ids"] for f in features], [f["chosen_ids"] for f in features],
-                              [f["rejected_ids"] for f in features], self.pad_id)
+    pad_id: int
+    shared: bool = False
+    mask_dtype: torch.dtype = torch.float32
+
+    def __call__(self, features: list[dict]) -> dict:
+        ids = ([f["prompt_ids"] for f in features], [f["chosen_ids"] for f in features],
+               [f["rejected_ids"] for f in features])
+        batch = (collate_shared(*ids, self.pad_id, mask_dtype=self.mask_dtype) if self.shared
+                 else collate_pairs(*ids, self.pad_id))
         batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features], dtype=torch.float32)
         batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features], dtype=torch.float32)
         batch["chosen_tokens"] = torch.tensor([len(f["chosen_ids"]) for f in features], dtype=torch.float32)
@@ -123,20 +129,6 @@ def pair_metrics(config: Config, logps: torch.Tensor, batch: dict) -> tuple[torc
     stats = reward_stats(pi_w, pi_l, ref_w, ref_l, config.pref_beta)
     stats["logps/chosen"], stats["logps/rejected"] = pi_w.detach(), pi_l.detach()
     return losses, stats
-
-
-class _Scorer:
-    """What batch_logps needs from a model that DDP may wrap: the wrapper's forward (it syncs gradients)
-    and the inner model's deferred output head (the wrapper does not expose it)."""
-
-    def __init__(self, model, inner):
-        self.model, self.inner = model, inner
-
-    def __call__(self, **inputs):
-        return self.model(**inputs)
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
 
 
 # ---------------------------------------------------------------- the trainer
@@ -163,22 +155,21 @@ def _trainer_class():
             return LengthGroupedSampler(dataset["length"], self.args.per_device_train_batch_size, self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            scorer = _Scorer(model, self.accelerator.unwrap_model(model))  # DDP's forward, the inner model's head
-            logps = batch_logps(scorer, inputs, self.dpo.logprob_chunk_size)
+            logps = batch_logps(model, inputs, self.dpo.logprob_chunk_size)
             losses, stats = pair_metrics(self.dpo, logps, inputs)
             if not model.training:
                 stats["loss"] = losses.detach()  # eval_loss: a mean over rows like the rest (see log)
-            self._record(model.training, stats, inputs["attention_mask"])
+            self._record(model.training, stats, inputs["num_tokens"])
             loss = losses.mean()
             return (loss, {"logps": logps.detach()}) if return_outputs else loss
 
-        def _record(self, training, stats, attention_mask):
+        def _record(self, training, stats, num_tokens: int):
             """Keep every row's metrics (all ranks gathered, duplicates dropped); log averages over rows."""
             mode = "train" if training else "eval"
             for key, values in stats.items():
                 self._metrics[mode][key].append(self.accelerator.gather_for_metrics(values).float().cpu())
             if training:
-                tokens = int(self.accelerator.gather_for_metrics(attention_mask.sum()).sum())
+                tokens = int(self.accelerator.gather_for_metrics(torch.tensor([num_tokens], device=self.args.device)).sum())
                 self._tokens_since_log += tokens
                 self.train_tokens += tokens
 
@@ -340,13 +331,15 @@ def run_train(config: Config) -> dict:
     args = training_arguments(config, bool(eval_set.rows))
     resume = resume_target(config)
     model = modeling.prepare_policy(config)
+    dtype = modeling.compute_dtype(config, modeling.device())
+    shared = modeling.use_prefix_sharing(config, model, dtype)
     summary_extra = {"config": config.to_dict(), "cache_fingerprint": fingerprint,
                      "rows": {"train": len(train_rows), "eval": len(eval_set.rows), "skipped": len(data.skips)}}
     if eval_set.fingerprint:
         summary_extra["eval_cache_fingerprint"] = eval_set.fingerprint
     writer = MetricsWriter(config.metrics_dir, plot=config.plot_loss, extra_summary=lambda: summary_extra)
     trainer = _trainer_class()(
-        model=model, args=args, dpo=config, data_collator=PairCollator(tokenizer.pad_token_id),
+        model=model, args=args, dpo=config, data_collator=PairCollator(tokenizer.pad_token_id, shared, dtype),
         train_dataset=to_dataset(train_rows, ref),
         eval_dataset=to_dataset(eval_set.rows, eval_set.ref) if eval_set.rows else None,
         processing_class=tokenizer, callbacks=[writer])

@@ -23,7 +23,7 @@ from dpo_lean.config import Config
 from dpo_lean.data.formats import SKIP_REASONS
 
 FIXTURE_CACHE = FIXTURES / "demo" / "ref_cache"
-COMMANDS = ["precompute", "train", "data-check", "cache-info", "demo", "export", "keys"]
+COMMANDS = ["precompute", "train", "data-check", "cache-info", "demo", "export", "keys", "evaluate", "sweep"]
 
 
 def write_config(tmp_path: Path, **overrides) -> Path:

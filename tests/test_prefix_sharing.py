@@ -101,3 +101,20 @@ def test_the_cache_serves_either_layout(tiny_config, tmp_path):
     separate = cache.scan(tmp_path / "two").table.sort_by("row_index").to_pydict()
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         assert max(abs(a - b) for a, b in zip(shared[column], separate[column])) < 1e-4
+
+
+def test_training_with_and_without_prefix_sharing_agrees(tiny_config, tmp_path):
+    import json
+
+    from dpo_lean.train import run_train
+
+    finals = []
+    for shared in (True, False):
+        config = tiny_config(prefix_sharing=shared, max_steps=4, logging_steps=4, save_strategy="no",
+                             learning_rate=5e-3, pref_beta=0.5, per_device_train_batch_size=4,
+                             output_dir=str(tmp_path / f"shared-{shared}"))
+        run_train(config)
+        finals.append(json.loads((config.metrics_dir / "summary.json").read_text())["final"])
+    for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+        assert abs(finals[0][key] - finals[1][key]) < 1e-4, key
+    assert finals[0]["tokens_per_second"] > 0
