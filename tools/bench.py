@@ -11,14 +11,16 @@ NF4 4-bit, with the vocabulary sizes given (the tiny tokenizer's ids are a subse
 rows of ../shared/data/dpo_en_demo.json (long multi-turn chats) where present, else generated ones.
 
 train (cache prepared beforehand, not timed):
-  dpo-lean          `dpo-lean train` against the cache; the same batches as the others
-  dpo-lean+groups   `dpo-lean train` with its length-grouped batches (its default)
+  dpo-lean          `dpo-lean train` against the cache, two sequences per pair; the same batches as the others
+  dpo-lean+shared   the same with prefix sharing: one [prompt | chosen | rejected] sequence per pair
+  dpo-lean+groups   `dpo-lean train` with its defaults: prefix sharing and length-grouped batches
   sft               the same model and LoRA, ordinary transformers causal-LM loss on the same chosen and
                     rejected sequences (the single-model SFT yardstick)
   trl               TRL DPOTrainer as QLoRA users run it: PEFT adapter, no ref_model (reference = adapter off)
   trl+precompute    the same with precompute_ref_log_probs=True (precompute not timed)
 precompute:
-  dpo-lean          `dpo-lean precompute` (the pass, after loading)
+  dpo-lean          `dpo-lean precompute` (the pass, after loading), two sequences per pair
+  dpo-lean+shared   the same with prefix sharing
   trl               TRL's precompute_ref_log_probs pass
   bare-forward      a plain no-grad forward (model(input_ids), full logits) over the same batches: the floor
 Peak memory: peak RSS of the process on CPU (CUDA peak allocated on a GPU), measured from the start of
@@ -40,8 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DEMO = ROOT.parent / "shared" / "data" / "dpo_en_demo.json"
-TRAIN_CONTENDERS = ("dpo-lean", "dpo-lean+groups", "sft", "trl", "trl+precompute")
-PRECOMPUTE_CONTENDERS = ("dpo-lean", "trl", "bare-forward")
+TRAIN_CONTENDERS = ("dpo-lean", "dpo-lean+shared", "dpo-lean+groups", "sft", "trl", "trl+precompute")
+PRECOMPUTE_CONTENDERS = ("dpo-lean", "dpo-lean+shared", "trl", "bare-forward")
 LORA = {"r": 16, "alpha": 32, "targets": "all-linear"}
 
 # ---------------------------------------------------------------- setup (parent process)
@@ -81,7 +83,7 @@ def dpo_config(args, model: str, data: str, out: Path) -> dict:
             "lora_rank": LORA["r"], "lora_alpha": LORA["alpha"], "lora_target": "all",
             "per_device_train_batch_size": args.batch, "precompute_ref_batch_size": args.batch,
             "max_steps": args.warmup + args.steps, "learning_rate": 1e-5, "logging_steps": 1000,
-            "save_strategy": "no", "group_by_length": False, "plot_loss": False, "seed": 0,
+            "save_strategy": "no", "group_by_length": False, "prefix_sharing": False, "plot_loss": False, "seed": 0,
             "output_dir": str(out), "ref_cache_dir": str(out.parent / "ref_cache")}
 
 
@@ -159,7 +161,8 @@ def instrument_trainer(sequential: bool) -> dict:
         self.add_callback(StepTimer())
 
     def patched_step(self, model, inputs, *a, **kw):
-        tokens[0] += int(inputs["attention_mask"].sum())
+        # prompt + chosen and prompt + rejected per pair, in every contender and layout
+        tokens[0] += inputs["num_tokens"] if "num_tokens" in inputs else int(inputs["attention_mask"].sum())
         return step(self, model, inputs, *a, **kw)
 
     transformers.Trainer.__init__, transformers.Trainer.training_step = patched_init, patched_step
@@ -184,11 +187,11 @@ def _config(raw: dict):
     return from_dict(raw)
 
 
-def train_dpo_lean(raw: dict, warmup: int, grouped: bool = False) -> dict:
+def train_dpo_lean(raw: dict, warmup: int, shared: bool = False, grouped: bool = False) -> dict:
     from dpo_lean.train import run_train
 
     record = instrument_trainer(sequential=not grouped)
-    run_train(_config({**raw, "group_by_length": grouped}))
+    run_train(_config({**raw, "group_by_length": grouped, "prefix_sharing": shared or grouped}))
     return summarise_steps(record, warmup)
 
 
@@ -297,10 +300,10 @@ def _dataset_tokens(raw: dict) -> int:
     return sum(2 * len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
 
 
-def precompute_dpo_lean(raw: dict) -> dict:
+def precompute_dpo_lean(raw: dict, shared: bool = False) -> dict:
     from dpo_lean.precompute import run_precompute
 
-    summary = run_precompute(_config({**raw, "overwrite_cache": True}))
+    summary = run_precompute(_config({**raw, "overwrite_cache": True, "prefix_sharing": shared}))
     return {"seconds": summary["seconds"], "tokens": summary["tokens"]}
 
 
@@ -344,11 +347,13 @@ def precompute_bare(raw: dict) -> dict:
 
 WORKERS = {
     "train:dpo-lean": lambda raw, w: train_dpo_lean(raw, w),
+    "train:dpo-lean+shared": lambda raw, w: train_dpo_lean(raw, w, shared=True),
     "train:dpo-lean+groups": lambda raw, w: train_dpo_lean(raw, w, grouped=True),
     "train:sft": train_sft,
     "train:trl": lambda raw, w: train_trl(raw, w),
     "train:trl+precompute": lambda raw, w: train_trl(raw, w, precompute=True),
     "precompute:dpo-lean": lambda raw, w: precompute_dpo_lean(raw),
+    "precompute:dpo-lean+shared": lambda raw, w: precompute_dpo_lean(raw, shared=True),
     "precompute:trl": lambda raw, w: precompute_trl(raw),
     "precompute:bare-forward": lambda raw, w: precompute_bare(raw),
 }
@@ -421,8 +426,9 @@ def run_train_bench(args, tmp: Path, model: str, data: str, label: str) -> dict:
 
 
 def run_precompute_bench(args, tmp: Path, model: str, data: str, label: str) -> dict:
-    raw = {**dpo_config(args, model, data, tmp / label / "pre"), "ref_cache_dir": str(tmp / label / "pre-cache")}
-    results = {name: spawn(f"precompute:{name}", raw, 0) for name in PRECOMPUTE_CONTENDERS}
+    raw = dpo_config(args, model, data, tmp / label / "pre")
+    results = {name: spawn(f"precompute:{name}", {**raw, "ref_cache_dir": str(tmp / label / f"cache-{name}")}, 0)
+               for name in PRECOMPUTE_CONTENDERS}
     base = results["dpo-lean"]
     rows = []
     for name, r in results.items():
