@@ -217,6 +217,8 @@ def _coerce(name: str, value: Any) -> Any:
     if isinstance(value, bool):
         if bool in allowed:
             return value
+        if value is False and "no" in (FIELDS[name].metadata["choices"] or ()):
+            return "no"  # YAML 1.1 reads an unquoted `save_strategy: no` as false
     elif isinstance(value, int):
         if int in allowed:
             return value

@@ -368,3 +368,14 @@ def test_to_dict_round_trips():
     config = from_dict({"pref_beta": 0.3, "lora_rank": 4, "dataset": "a.json"})
     assert from_dict(config.to_dict()) == config
     assert math.isclose(config.to_dict()["pref_beta"], 0.3)
+
+
+def test_unquoted_no_is_the_strategy_no():
+    """YAML 1.1 reads `save_strategy: no` as false; LLaMA-Factory configs write it unquoted."""
+    from dpo_lean.config import from_dict, parse_override
+
+    assert from_dict({"save_strategy": False, "eval_strategy": False}).save_strategy == "no"
+    key, value = parse_override("eval_strategy=no")
+    assert from_dict({key: value}).eval_strategy == "no"
+    with pytest.raises(DpoLeanError, match="lora_target"):
+        from_dict({"lora_target": False})
