@@ -17,9 +17,9 @@ from .config import load_config
 DEMO_CONFIG = {
     "stage": "dpo", "finetuning_type": "lora",
     "quantization_bit": 4, "template": "auto", "dataset": "demo_case", "cutoff_len": 128,
-    "pref_beta": 0.3, "pref_loss": "sigmoid", "lora_rank": 32, "lora_target": "all",
+    "pref_beta": 0.5, "pref_loss": "sigmoid", "lora_rank": 32, "lora_target": "all",
     "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "gradient_accumulation_steps": 1,
-    "learning_rate": 3.0e-3, "num_train_epochs": 3.0, "lr_scheduler_type": "cosine", "warmup_ratio": 0.05,
+    "learning_rate": 1.5e-3, "num_train_epochs": 3.0, "lr_scheduler_type": "cosine", "warmup_ratio": 0.05,
     "val_size": 200, "eval_on_start": True, "eval_steps": 100, "logging_steps": 10, "save_steps": 250, "seed": 0,
 }
 
