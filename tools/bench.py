@@ -79,7 +79,7 @@ def dpo_config(args, model: str, data: str, out: Path) -> dict:
     """The dpo-lean config every contender mirrors (TRL's keep_start truncation, so all see the same rows)."""
     gpu = _cuda()
     return {"model_name_or_path": model, "dataset": data, "template": "auto", "cutoff_len": args.cutoff,
-            "truncation_mode": "keep_start", "quantization_bit": 4, "bf16": gpu,
+            "truncation_mode": args.truncation, "quantization_bit": 4, "bf16": gpu,
             "lora_rank": LORA["r"], "lora_alpha": LORA["alpha"], "lora_target": "all",
             "per_device_train_batch_size": args.batch, "precompute_ref_batch_size": args.batch,
             "max_steps": args.warmup + args.steps, "learning_rate": 1e-5, "logging_steps": 1000,
@@ -455,6 +455,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=24)
     parser.add_argument("--cutoff", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2, help="preference pairs per step")
+    parser.add_argument("--truncation", choices=("keep_start", "keep_end"), default="keep_start",
+                        help="keep_start is TRL's (needed for the TRL rows); keep_end keeps long prompts")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", nargs="+", choices=TRAIN_CONTENDERS, default=list(TRAIN_CONTENDERS),
@@ -465,7 +467,8 @@ def main() -> None:
         args.train_contenders.insert(0, "dpo-lean")
     print(f"machine: {_machine()}")
     print(f"rows: {args.rows} ({'dpo_en_demo.json' if SHARED_DEMO.exists() else 'generated'}), "
-          f"cap {args.cutoff} tokens, batch {args.batch} pairs, NF4 base, LoRA r={LORA['r']} on all linear layers")
+          f"cap {args.cutoff} tokens ({args.truncation}), batch {args.batch} pairs, NF4 base, "
+          f"LoRA r={LORA['r']} on all linear layers")
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
