@@ -42,15 +42,26 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        n_total = hidden.shape[0]
+        out = torch.empty(n_total, dtype=torch.float32, device=hidden.device)
         jacobian = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        for s in range(0, hidden.shape[0], chunk_size):
-            logits = _chunk_logits(hidden[s:s + chunk_size], weight, bias)
+        # One logits buffer for all chunks, worked on in place: allocating a fresh [chunk, vocab] tensor (and
+        # log-sum-exp's temporaries) per chunk made the pass slower than computing the full logits.
+        buffer = torch.empty((min(chunk_size, n_total), weight.shape[0]), dtype=weight.dtype, device=hidden.device)
+        for s in range(0, n_total, chunk_size):
+            h = hidden[s:s + chunk_size].to(weight.dtype)
+            logits = buffer[:h.shape[0]]
+            torch.matmul(h, weight.t(), out=logits)
+            if bias is not None:
+                logits += bias
+            logits = logits.float()  # no copy in float32
             tgt = targets[s:s + chunk_size, None]
-            lse = torch.logsumexp(logits, dim=-1)
-            out[s:s + chunk_size] = logits.gather(1, tgt).squeeze(1) - lse
+            target_logit = logits.gather(1, tgt).squeeze(1)
+            peak = logits.amax(dim=-1, keepdim=True)
+            total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(logit - peak)
+            out[s:s + chunk_size] = target_logit - (peak + total.log()).squeeze(1)
             if jacobian is not None:
-                d = torch.exp(logits.sub_(lse[:, None])).neg_()  # -softmax, in place of the logits
+                d = logits.div_(total).neg_()  # -softmax
                 d.scatter_add_(1, tgt, torch.ones_like(d[:, :1]))
                 jacobian[s:s + chunk_size] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(hidden, weight, bias, targets, jacobian)
