@@ -166,8 +166,8 @@ def read_manifest(cache_dir: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise DpoLeanError(f"{path}: unreadable manifest ({e}); delete the cache directory and run precompute") \
-            from None
+        raise DpoLeanError(f"{path}: unreadable manifest ({e}); rerun `dpo-lean precompute CONFIG.yaml` to repair "
+                           "it") from None
 
 
 def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[int, str], overwrite: bool) -> None:
@@ -181,7 +181,7 @@ def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[int, str
     except OSError as e:
         raise DpoLeanError(f"cannot create cache directory {cache_dir}: {e.strerror or e}") from None
     with _locked(cache_dir):
-        manifest = read_manifest(cache_dir)
+        manifest = _sound_manifest(cache_dir, fingerprint, expected)
         if manifest is not None and manifest.get("fingerprint_sha256") != fingerprint_digest(fingerprint):
             diffs = fingerprint_diff(manifest.get("fingerprint", {}), fingerprint)
             if not overwrite:
@@ -190,7 +190,7 @@ def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[int, str
                     "use another ref_cache_dir, or overwrite_cache=true to replace it")
             _clear(cache_dir)
             manifest = None
-        elif manifest is None and any(cache_dir.glob("part-*.parquet")):
+        elif manifest is None and not (cache_dir / MANIFEST).exists() and any(cache_dir.glob("part-*.parquet")):
             raise DpoLeanError(f"{cache_dir} holds Parquet parts but no {MANIFEST}; it is not a complete dpo-lean "
                                "cache: delete it or choose another ref_cache_dir")
         for tmp in cache_dir.glob(".part-*.tmp"):
@@ -200,6 +200,31 @@ def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[int, str
                         "fingerprint": fingerprint, "expected_rows": len(expected),
                         "rows_sha256": rows_digest(expected), "created": _now(), "runs": []}
             atomic_write_json(cache_dir / MANIFEST, manifest)
+
+
+def _sound_manifest(cache_dir: Path, fingerprint: dict, expected: dict[int, str]) -> dict | None:
+    """The manifest, or None (to be rewritten) when it was damaged: unreadable, or edited out of agreement
+    with its own digest or with the rows of this run's (same) fingerprint. Parts carry the fingerprint
+    digest themselves, so the ones that match it are kept."""
+    from click import echo
+
+    try:
+        manifest = read_manifest(cache_dir)
+    except DpoLeanError as e:
+        echo(f"cache: {e}; rewriting it, parts that match this run's fingerprint are kept", err=True)
+        return None
+    if manifest is None:
+        return None
+    consistent = (isinstance(manifest, dict) and isinstance(manifest.get("fingerprint"), dict)
+                  and manifest.get("fingerprint_sha256") == fingerprint_digest(manifest["fingerprint"]))
+    if consistent and manifest["fingerprint_sha256"] != fingerprint_digest(fingerprint):
+        return manifest  # a sound cache of something else: the caller refuses or overwrites it
+    if consistent and (manifest.get("expected_rows"), manifest.get("rows_sha256")) == (len(expected),
+                                                                                       rows_digest(expected)):
+        return manifest
+    echo(f"cache: {cache_dir / MANIFEST} was edited or damaged; rewriting it from this run's fingerprint, "
+         "parts that match it are kept", err=True)
+    return None
 
 
 def _clear(cache_dir: Path) -> None:
@@ -277,7 +302,7 @@ def scan(cache_dir: Path) -> CacheState:
     digest = manifest.get("fingerprint_sha256")
     if digest != fingerprint_digest(manifest.get("fingerprint", {})):
         raise DpoLeanError(f"{cache_dir / MANIFEST}: its fingerprint does not match its digest (edited?); "
-                           "rerun precompute with overwrite_cache=true")
+                           "rerun `dpo-lean precompute CONFIG.yaml` to repair it")
     tables, parts, problems = [], [], []
     for path in sorted(cache_dir.glob("part-*.parquet")):
         try:
@@ -295,11 +320,21 @@ def scan(cache_dir: Path) -> CacheState:
             continue
         tables.append(table)
         parts.append((path.name, table.num_rows))
-    table = pa.concat_tables(tables).replace_schema_metadata(None) if tables else SCHEMA.empty_table()
-    indices = table.column("row_index").to_pylist()
-    if len(indices) != len(set(indices)):
-        problems.append(f"{len(indices) - len(set(indices))} rows appear in more than one part")
+    duplicated = _parts_with_duplicate_rows(parts, tables)
+    problems += [f"{name}: holds rows that another part (or itself) holds too" for name in duplicated]
+    kept = [t for (name, _), t in zip(parts, tables) if name not in duplicated]
+    parts = [p for p in parts if p[0] not in duplicated]
+    table = pa.concat_tables(kept).replace_schema_metadata(None) if kept else SCHEMA.empty_table()
     return CacheState(manifest, table, parts, problems)
+
+
+def _parts_with_duplicate_rows(parts: list[tuple[str, int]], tables: list[pa.Table]) -> set[str]:
+    """Names of every part that holds a row_index held twice (across parts or within one)."""
+    owners: dict[int, list[str]] = {}
+    for (name, _), table in zip(parts, tables):
+        for index in table.column("row_index").to_pylist():
+            owners.setdefault(index, []).append(name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
 
 
 def missing_message(cache_dir: Path, state: CacheState) -> str:

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .errors import DpoLeanError
+from .errors import DpoLeanError, Interrupted
 
 
 def _quiet_libraries() -> None:
@@ -34,6 +34,9 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:
+            click.echo(str(e), err=True)
+            sys.exit(130)
         except DpoLeanError as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:

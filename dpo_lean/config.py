@@ -131,6 +131,7 @@ class Config:
     dataloader_num_workers: int = _key(0, "Data-loading worker processes.", group="train", min=0)
     ddp_timeout: int = _key(1800, "Seconds a distributed process waits for the others.", group="train", min=1)
     deepspeed: str | None = _key(None, "DeepSpeed config file, as in transformers.", group="train")
+    skip_nonfinite_steps: bool = _key(False, "Skip (and count) an optimizer step whose loss or gradients are NaN/inf, instead of stopping with the step and its rows.", group="train")
     plot_loss: bool = _key(True, "Write dpo_metrics/training_curves.png.", group="train")
 
     # --- export ---

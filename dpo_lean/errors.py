@@ -15,3 +15,7 @@ class DpoLeanError(Exception):
         # would break the line or make it unprintable: such characters are shown as their escapes.
         text = str(message).translate(str.maketrans(_LINE_BREAKS))
         super().__init__(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
+class Interrupted(DpoLeanError):
+    """The user stopped the run (Ctrl-C): the message says what was kept and how to go on; exit status 130."""

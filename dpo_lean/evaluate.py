@@ -46,6 +46,9 @@ def load_policy(config: Config, adapter: str):
     """The base exactly as training loads it, with the saved LoRA adapter on top, ready for batch_logps."""
     from peft import PeftModel
 
+    from .export import check_adapter_weights
+
+    check_adapter_weights(config, Path(adapter))
     base = modeling.load_base_model(config)
     try:
         with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing

@@ -22,6 +22,7 @@ from .config import Config, require
 from .data.collate import collate_pairs, collate_shared
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.tokenize import TokenizedRow
+from .errors import Interrupted
 from .logprobs import batch_logps
 from .measure import peak_memory_gb
 
@@ -133,12 +134,18 @@ def run_precompute(config: Config) -> dict:
     layout = "one shared sequence per pair" if shared else "two sequences per pair"
     click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}, {layout} -> {cache_dir}")
     t0 = time.perf_counter()
-    with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:
-        progress.tokens, progress.t0 = 0, t0
-        for plan_index, batches in todo:
-            part = compute_part(model, batches, tokenizer.pad_token_id, chunk, dev, dtype, shared, progress)
-            name = cache.part_name(plan_index, part.columns["row_index"])
-            cache.write_part(cache_dir, name, part.columns, fingerprint)
+    try:
+        with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:
+            progress.tokens, progress.t0 = 0, t0
+            for plan_index, batches in todo:
+                part = compute_part(model, batches, tokenizer.pad_token_id, chunk, dev, dtype, shared, progress)
+                name = cache.part_name(plan_index, part.columns["row_index"])
+                cache.write_part(cache_dir, name, part.columns, fingerprint)
+    except KeyboardInterrupt:
+        state = cache.scan(cache_dir)
+        raise Interrupted(f"interrupted: {state.table.num_rows} of {state.manifest['expected_rows']} rows are "
+                          f"cached in complete parts in {cache_dir}; rerun `dpo-lean precompute CONFIG.yaml` "
+                          "to compute the rest") from None
     seconds = time.perf_counter() - t0
     return _finish(cache_dir, {"rows": n_rows, "tokens": progress.tokens, "seconds": round(seconds, 3),
                                "shard": f"{shard_index}/{num_shards}", "device": str(dev),

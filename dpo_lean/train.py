@@ -20,12 +20,12 @@ from pathlib import Path
 import click
 import torch
 
-from . import cache, modeling
+from . import cache, faults, modeling
 from .config import Config, require
 from .data.collate import collate_pairs, collate_shared
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.tokenize import TokenizedRow
-from .errors import DpoLeanError
+from .errors import DpoLeanError, Interrupted
 from .logprobs import batch_logps
 from .losses import preference_loss, reward_stats
 from .measure import peak_memory_gb
@@ -147,6 +147,14 @@ def _trainer_class():
             self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
             self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
             self.train_tokens = 0  # non-padding tokens trained on in this process's run (all ranks summed)
+            self.window_rows: list[int] = []  # row indices of the micro-batches of the step being accumulated
+            self.window_finite = True
+            self.nonfinite_steps_skipped = 0
+
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            faults.guard_optimizer(optimizer, self, skip=self.dpo.skip_nonfinite_steps)
+            return optimizer
 
         def _get_train_sampler(self, train_dataset=None):
             if not self.dpo.group_by_length:
@@ -157,7 +165,10 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logps = batch_logps(model, inputs, self.dpo.logprob_chunk_size)
             losses, stats = pair_metrics(self.dpo, logps, inputs)
-            if not model.training:
+            if model.training:
+                self.window_rows += inputs["row_index"].tolist()
+                self.window_finite &= bool(torch.isfinite(losses).all())
+            else:
                 stats["loss"] = losses.detach()  # eval_loss: a mean over rows like the rest (see log)
             self._record(model.training, stats, inputs["num_tokens"])
             loss = losses.mean()
@@ -190,6 +201,8 @@ def _trainer_class():
                 now = time.perf_counter()
                 logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
                 logs["peak_memory_gb"] = round(peak_memory_gb(self.args.device), 3)
+                if self.dpo.skip_nonfinite_steps:
+                    logs["nonfinite_steps_skipped"] = self.nonfinite_steps_skipped
                 self._tokens_since_log, self._last_log_time = 0, now
             super().log(logs, start_time)
 
@@ -245,20 +258,25 @@ def _check_trackers(report_to) -> None:
                                "or set report_to: none")
 
 
-def resume_target(config: Config) -> str | bool | None:
-    """What Trainer.train(resume_from_checkpoint=...) gets: True = latest in output_dir, a path, or None."""
+def resume_target(config: Config) -> str | None:
+    """The checkpoint Trainer.train resumes from: true = the newest complete one in output_dir, or a given one.
+
+    A checkpoint a kill or a full disk left half-written is never picked (with true, it is removed).
+    """
     target = config.resume_from_checkpoint
     if target in (None, False, ""):
         return None
     if target is True or str(target).lower() == "true":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        if not Path(config.output_dir).is_dir() or get_last_checkpoint(config.output_dir) is None:
+        latest = faults.latest_complete(Path(config.output_dir), remove_incomplete=is_main_process())
+        if latest is None:
             raise DpoLeanError(f"config key 'resume_from_checkpoint': true, but {config.output_dir} holds no "
-                               "checkpoint-* folder; set it to null to start fresh")
-        return True
+                               "complete checkpoint-* folder; set it to null to start fresh")
+        return str(latest)
     if not Path(target).is_dir():
         raise DpoLeanError(f"config key 'resume_from_checkpoint': {target!r} is not a checkpoint folder")
+    if not faults.is_complete(Path(target)):
+        raise DpoLeanError(f"config key 'resume_from_checkpoint': {target} is incomplete (no readable "
+                           "trainer_state.json; its save was cut short); use an earlier checkpoint or true")
     return str(target)
 
 
@@ -338,14 +356,25 @@ def run_train(config: Config) -> dict:
     if eval_set.fingerprint:
         summary_extra["eval_cache_fingerprint"] = eval_set.fingerprint
     writer = MetricsWriter(config.metrics_dir, plot=config.plot_loss, extra_summary=lambda: summary_extra)
+    interrupt = faults.StopOnInterrupt()
     trainer = _trainer_class()(
         model=model, args=args, dpo=config, data_collator=PairCollator(tokenizer.pad_token_id, shared, dtype),
         train_dataset=to_dataset(train_rows, ref),
         eval_dataset=to_dataset(eval_set.rows, eval_set.ref) if eval_set.rows else None,
-        processing_class=tokenizer, callbacks=[writer])
+        processing_class=tokenizer, callbacks=[writer, interrupt])
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except faults.NonFiniteStep as e:
+        raise DpoLeanError(faults.nonfinite_message(e, Path(config.output_dir))) from None
+    except OSError as e:
+        raise faults.write_error_message(e, Path(config.output_dir)) from None
     seconds = time.perf_counter() - t0
+    if interrupt.interrupted:
+        last = faults.latest_complete(Path(config.output_dir))
+        raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved to {last}; resume with "
+                          "`dpo-lean train CONFIG.yaml resume_from_checkpoint=true`")
+    summary_extra["nonfinite_steps_skipped"] = trainer.nonfinite_steps_skipped
     summary_extra["train_tokens_per_second"] = round(trainer.train_tokens / max(seconds, 1e-9), 1)
     summary_extra["peak_memory_gb"] = round(peak_memory_gb(args.device), 3)
     final_eval = trainer.evaluate() if eval_set.rows else {}

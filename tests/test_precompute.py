@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
 from dpo_lean import cache, modeling
 from dpo_lean.config import from_dict
@@ -95,56 +91,6 @@ def test_cache_equals_the_training_forward_at_step_0(tiny_config):
         want = torch.tensor([df.loc[r.row_index, "ref_chosen_logps"] for r in batch_rows]
                             + [df.loc[r.row_index, "ref_rejected_logps"] for r in batch_rows])
         assert (logps - want).abs().max().item() < 1e-3
-
-
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import {module} as target_module
-    original = getattr(target_module, {attr!r})
-    calls = 0
-    def wrapped(*args, **kwargs):
-        global calls
-        calls += 1
-        if calls == {n} and {before}:
-            os.kill(os.getpid(), signal.SIGKILL)
-        out = original(*args, **kwargs)
-        if calls == {n}:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-    setattr(target_module, {attr!r}, wrapped)
-    from dpo_lean.cli import main
-    sys.argv = ["dpo-lean", "precompute", {config!r}]
-    main()
-""")
-
-KILL_POINTS = {
-    # third forward: part 0 (two batches) is on disk, part 1 is half computed
-    "mid-part": ("dpo_lean.precompute", "batch_logps", 3, True),
-    # the second part's Parquet bytes are written under the temporary name, not yet renamed
-    "during-part-write": ("pyarrow.parquet", "write_table", 2, False),
-    # right after the first part was renamed into place
-    "between-parts": ("dpo_lean.cache", "write_part", 1, False),
-}
-
-
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_sigkill_then_rerun_gives_the_uninterrupted_cache(point, fresh, tmp_path, uninterrupted):
-    config = fresh()
-    config_path = tmp_path / "cfg.yaml"
-    config_path.write_text(yaml.safe_dump(config.to_dict()))
-    module, attr, n, before = KILL_POINTS[point]
-    code = KILLER.format(module=module, attr=attr, n=n, before=before, config=str(config_path))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    state = cache.scan(tmp_path / "cache")
-    assert not state.complete and state.table.num_rows < 64
-    if point == "during-part-write":
-        assert list((tmp_path / "cache").glob(".part-*.tmp"))  # the half-written part is there, under its temp name
-
-    summary = run_precompute(config)
-    assert summary["rows"] == 64 - state.table.num_rows  # only the missing rows were computed
-    assert not list((tmp_path / "cache").glob(".part-*.tmp"))
-    pd.testing.assert_frame_equal(cached(tmp_path / "cache"), uninterrupted)  # bit-identical values
 
 
 def test_two_shards_equal_one_run(fresh, tmp_path, uninterrupted):
