@@ -212,11 +212,18 @@ def prefix_sharing_works(model, dtype: torch.dtype) -> bool:
     try:
         with inference(model):
             two = batch_logps(model, _to(collate_pairs(*pair, pad_id=0), dev))
-            one = batch_logps(model, _to(collate_shared(*pair, pad_id=0, mask_dtype=dtype), dev))
+            one = batch_logps(model, _to(collate_shared(*pair, pad_id=0,
+                                                        mask_dtype=shared_mask_dtype(model, dtype)), dev))
     except Exception:  # any model that rejects the inputs falls back to two sequences
         return False
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     return bool(torch.isfinite(one).all() and (one - two).abs().max() < tolerance)
+
+
+def shared_mask_dtype(model, dtype: torch.dtype) -> torch.dtype:
+    """Boolean masks for SDPA (its fast kernels take them; an additive float mask is slower on CPU), additive
+    masks in the compute dtype for eager attention."""
+    return torch.bool if getattr(model.config, "_attn_implementation", None) == "sdpa" else dtype
 
 
 def _to(batch: dict, dev: torch.device) -> dict:

@@ -55,13 +55,14 @@ def pending_parts(plan, done: set[int], num_shards: int, shard_index: int):
 
 
 def score_batch(model, rows: list[TokenizedRow], pad_id: int, chunk_size, dev, dtype,
-                shared: bool = False) -> torch.Tensor:
+                shared: torch.dtype | None = None) -> torch.Tensor:
     """[chosen logps..., rejected logps...] for ``rows``; on CUDA out-of-memory, halves the batch and retries.
 
-    ``shared``: one [prompt | chosen | rejected] sequence per pair (prefix sharing), else two sequences.
+    ``shared``: a mask dtype for one [prompt | chosen | rejected] sequence per pair (prefix sharing);
+    None for two sequences per pair.
     """
     ids = [r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows]
-    batch = collate_shared(*ids, pad_id, mask_dtype=dtype) if shared else collate_pairs(*ids, pad_id)
+    batch = collate_shared(*ids, pad_id, mask_dtype=shared) if shared is not None else collate_pairs(*ids, pad_id)
     batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     try:
         with modeling.inference(model), modeling.autocast(dtype, dev):
@@ -128,10 +129,10 @@ def run_precompute(config: Config) -> dict:
     dev = modeling.device()
     dtype = modeling.compute_dtype(config, dev, config.ref_precision)
     model = modeling.prepare_reference(config)
-    shared = modeling.use_prefix_sharing(config, model, dtype)
+    shared = modeling.shared_mask_dtype(model, dtype) if modeling.use_prefix_sharing(config, model, dtype) else None
     chunk = config.logprob_chunk_size
     n_rows = sum(len(b) for _, batches in todo for b in batches)
-    layout = "one shared sequence per pair" if shared else "two sequences per pair"
+    layout = "one shared sequence per pair" if shared is not None else "two sequences per pair"
     click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}, {layout} -> {cache_dir}")
     t0 = time.perf_counter()
     try:

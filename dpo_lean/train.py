@@ -358,7 +358,8 @@ def run_train(config: Config) -> dict:
     writer = MetricsWriter(config.metrics_dir, plot=config.plot_loss, extra_summary=lambda: summary_extra)
     interrupt = faults.StopOnInterrupt()
     trainer = _trainer_class()(
-        model=model, args=args, dpo=config, data_collator=PairCollator(tokenizer.pad_token_id, shared, dtype),
+        model=model, args=args, dpo=config,
+        data_collator=PairCollator(tokenizer.pad_token_id, shared, modeling.shared_mask_dtype(model, dtype)),
         train_dataset=to_dataset(train_rows, ref),
         eval_dataset=to_dataset(eval_set.rows, eval_set.ref) if eval_set.rows else None,
         processing_class=tokenizer, callbacks=[writer, interrupt])

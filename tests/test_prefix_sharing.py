@@ -26,6 +26,7 @@ def test_mask_by_hand():
         [0, 0, 0, 0, 0, 1],  # padding sees only itself
     ], dtype=torch.bool)
     assert torch.equal(allowed, expected)
+    assert torch.equal(shared_attention_mask(2, 2, 1, 6, torch.bool), expected)  # what SDPA gets
 
 
 def test_positions_and_scored_tokens_by_hand():

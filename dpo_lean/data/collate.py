@@ -54,7 +54,9 @@ def collate_pairs(prompts: list[list[int]], chosens: list[list[int]], rejecteds:
 
 
 def shared_attention_mask(p: int, c: int, r: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """[width, width] additive mask for [prompt | chosen | rejected | padding].
+    """[width, width] mask for [prompt | chosen | rejected | padding]: boolean (True = may attend, what
+    SDPA takes and runs fastest with) when ``dtype`` is torch.bool, else additive (0 or the dtype's
+    minimum, what eager attention adds to its scores).
 
     Causal, and rejected never sees chosen; padding rows see only themselves (no all-masked row,
     so no NaN from the softmax).
@@ -64,6 +66,8 @@ def shared_attention_mask(p: int, c: int, r: int, width: int, dtype: torch.dtype
     i, j = torch.arange(width)[:, None], torch.arange(width)[None, :]
     allowed = (j <= i) & ((region[None, :] == 0) | (region[None, :] == region[:, None])) & (region[:, None] != 3)
     allowed |= i == j
+    if dtype == torch.bool:
+        return allowed
     return torch.zeros((width, width), dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
