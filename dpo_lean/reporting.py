@@ -223,11 +223,16 @@ def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
     try:
         for ax, metric in zip(axes.flat, PLOT_PANELS):
             _draw_panel(ax, rows, metric)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
+        save_figure(fig, path)
     finally:
         plt.close(fig)
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Lay out ``fig``, render it to PNG and write it atomically."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     atomic_write_bytes(path, buf.getvalue())
 
 

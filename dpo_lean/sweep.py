@@ -30,7 +30,8 @@ import click
 from . import train
 from .config import FIELDS, Config, load_config, unknown_key_error
 from .errors import DpoLeanError
-from .files import atomic_write_bytes, atomic_write_text
+from .files import atomic_write_text
+from .reporting import save_figure
 
 # Keys the reference cache depends on (its fingerprint): one shared cache cannot serve several values.
 CACHE_KEYS = frozenset({
@@ -227,9 +228,6 @@ def plot_runs(runs: list[Run], path: Path) -> None:
             ax.set_xlabel("step")
             ax.grid(True, alpha=0.3)
         axes[0].legend(loc="best", fontsize="small")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
+        save_figure(fig, path)
     finally:
         plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
