@@ -49,20 +49,21 @@ LORA = {"r": 16, "alpha": 32, "targets": "all-linear"}
 # ---------------------------------------------------------------- setup (parent process)
 
 
-def build_model(directory: Path, vocab: int) -> str:
+def build_model(directory: Path, vocab: int, hidden: int = 256, layers: int = 4) -> str:
     from dpo_lean.tiny import build_model, build_tokenizer
 
     if not (directory / "config.json").exists():
         tokenizer = build_tokenizer()
-        build_model(vocab, hidden_size=256, num_layers=4, seed=0).save_pretrained(directory)
+        build_model(vocab, hidden_size=hidden, num_layers=layers, seed=0).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     return str(directory)
 
 
-def write_rows(path: Path, n: int) -> str:
-    """A ShareGPT file: the shared demo's first n rows, or n generated rows of several hundred tokens."""
+def write_rows(path: Path, n: int, multi_turn: bool = False) -> str:
+    """A ShareGPT file: the shared demo's first n rows (with ``multi_turn``, the first n whose prompt has a
+    history: 3 or more turns), or n generated rows of several hundred tokens."""
     if SHARED_DEMO.exists():
-        rows = json.loads(SHARED_DEMO.read_text())[:n]
+        rows = [r for r in json.loads(SHARED_DEMO.read_text()) if not multi_turn or len(r["conversations"]) >= 3][:n]
     else:
         from dpo_lean.tiny import WORDS
 
@@ -452,7 +453,10 @@ def main() -> None:
     parser.add_argument("command", choices=("train", "precompute", "all"))
     parser.add_argument("--vocab", type=int, nargs="+", default=[151936, 32000])
     parser.add_argument("--model", help="a hub id or local directory instead of the offline models (use a GPU)")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the offline model")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the offline model")
     parser.add_argument("--rows", type=int, default=24)
+    parser.add_argument("--multi-turn", action="store_true", help="only rows whose prompt has a history")
     parser.add_argument("--cutoff", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2, help="preference pairs per step")
     parser.add_argument("--truncation", choices=("keep_start", "keep_end"), default="keep_start",
@@ -466,15 +470,17 @@ def main() -> None:
     if "dpo-lean" not in args.train_contenders:
         args.train_contenders.insert(0, "dpo-lean")
     print(f"machine: {_machine()}")
-    print(f"rows: {args.rows} ({'dpo_en_demo.json' if SHARED_DEMO.exists() else 'generated'}), "
+    print(f"rows: {args.rows} ({'multi-turn ' if args.multi_turn else ''}"
+          f"{'dpo_en_demo.json' if SHARED_DEMO.exists() else 'generated'}), "
           f"cap {args.cutoff} tokens ({args.truncation}), batch {args.batch} pairs, NF4 base, "
-          f"LoRA r={LORA['r']} on all linear layers")
+          f"LoRA r={LORA['r']} on all linear layers" + ("" if args.model else
+                                                       f", offline Qwen2 hidden {args.hidden}, {args.layers} layers"))
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = write_rows(tmp / "rows.json", args.rows)
+        data = write_rows(tmp / "rows.json", args.rows, args.multi_turn)
         models = ([(args.model, args.model)] if args.model else
-                  [(f"vocab {v:,}", build_model(tmp / f"model-{v}", v)) for v in args.vocab])
+                  [(f"vocab {v:,}", build_model(tmp / f"model-{v}", v, args.hidden, args.layers)) for v in args.vocab])
         for label, model in models:
             if args.command in ("train", "all"):
                 figures[f"train {label}"] = run_train_bench(args, tmp, model, data, label)
