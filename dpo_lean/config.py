@@ -70,7 +70,7 @@ class Config:
     lora_rank: int = _key(8, "LoRA rank r.", group="method", min=1)
     lora_alpha: int | None = _key(None, "LoRA alpha; default 2 x lora_rank.", group="method", min=1)
     lora_dropout: float = _key(0.0, "Dropout on the LoRA input.", group="method", min=0.0, max=1.0)
-    prefix_sharing: bool | str = _key("auto", "Compute the prompt once for chosen and rejected (one sequence per pair, 4-D mask): auto = where the model takes it, true, false. Either way gives the same log-probs.", group="method", choices=("auto", True, False))
+    prefix_sharing: bool | str = _key("auto", "Compute the prompt once for chosen and rejected (one sequence per pair, 4-D mask): auto = on the batches where it saves FLOPs, if the model takes the mask; true = every batch; false = never. Every way gives the same log-probs.", group="method", choices=("auto", True, False))
     lora_target: str = _key("all", "Modules that get LoRA: all (every linear layer except the output head) or a comma-separated list of names.", group="method", comma_list=True)
 
     # --- data ---

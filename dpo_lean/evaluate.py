@@ -67,8 +67,7 @@ def score(config: Config, model, eval_set: train.EvalSet, pad_id: int) -> dict[s
     dataset = train.to_dataset(eval_set.rows, eval_set.ref)
     dev = modeling.device()
     dtype = modeling.compute_dtype(config, dev)
-    collate = train.PairCollator(pad_id, modeling.use_prefix_sharing(config, model, dtype),
-                                 modeling.shared_mask_dtype(model, dtype))
+    collate = train.PairCollator(pad_id, modeling.prefix_sharing(config, model, dtype))
     per_row: dict[str, list[torch.Tensor]] = {}
     size = config.per_device_eval_batch_size
     for start in range(0, len(dataset), size):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import Config
+from .data.collate import Sharing, collate_pairs, collate_shared
 from .errors import DpoLeanError
 
 ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager",
@@ -201,7 +202,6 @@ def prefix_sharing_works(model, dtype: torch.dtype) -> bool:
     Checked numerically on a small pair, so a model that ignores position_ids or 4-D masks, or an
     attention kernel that cannot take them, is caught rather than trusted.
     """
-    from .data.collate import collate_pairs, collate_shared
     from .logprobs import batch_logps
 
     if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
@@ -230,10 +230,11 @@ def _to(batch: dict, dev: torch.device) -> dict:
     return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def use_prefix_sharing(config: Config, model, dtype: torch.dtype) -> bool:
-    """prefix_sharing: false -> never; true -> required; auto -> where the model takes it (else one warning)."""
+def prefix_sharing(config: Config, model, dtype: torch.dtype) -> Sharing | None:
+    """prefix_sharing: false -> None; true -> every batch (an error where the model cannot take the mask);
+    auto -> the batches where it saves work, on a model that takes the mask (else None and one warning)."""
     if config.prefix_sharing is False:
-        return False
+        return None
     works = prefix_sharing_works(model, dtype)
     if not works and config.prefix_sharing is True:
         raise DpoLeanError(f"config key 'prefix_sharing': true, but {model.config.model_type!r} with attention "
@@ -241,7 +242,11 @@ def use_prefix_sharing(config: Config, model, dtype: torch.dtype) -> bool:
     if not works:
         warnings.warn(f"prefix sharing: {model.config.model_type!r} cannot take a 4-D attention mask; chosen and "
                       "rejected run as two sequences", stacklevel=2)
-    return works
+        return None
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = cfg.hidden_size
+    return Sharing(shared_mask_dtype(model, dtype), hidden, getattr(cfg, "intermediate_size", None) or 4 * hidden,
+                   always=config.prefix_sharing is True)
 
 
 @contextmanager

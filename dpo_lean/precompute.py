@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import cache, modeling
 from .config import Config, require
-from .data.collate import collate_pairs, collate_shared
+from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.tokenize import TokenizedRow
 from .errors import Interrupted
@@ -55,14 +55,14 @@ def pending_parts(plan, done: set[int], num_shards: int, shard_index: int):
 
 
 def score_batch(model, rows: list[TokenizedRow], pad_id: int, chunk_size, dev, dtype,
-                shared: torch.dtype | None = None) -> torch.Tensor:
+                sharing: Sharing | None = None) -> torch.Tensor:
     """[chosen logps..., rejected logps...] for ``rows``; on CUDA out-of-memory, halves the batch and retries.
 
-    ``shared``: a mask dtype for one [prompt | chosen | rejected] sequence per pair (prefix sharing);
+    ``sharing``: prefix sharing (one [prompt | chosen | rejected] sequence per pair where it pays);
     None for two sequences per pair.
     """
     ids = [r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows]
-    batch = collate_shared(*ids, pad_id, mask_dtype=shared) if shared is not None else collate_pairs(*ids, pad_id)
+    batch = collate(*ids, pad_id, sharing)
     batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     try:
         with modeling.inference(model), modeling.autocast(dtype, dev):
@@ -73,8 +73,8 @@ def score_batch(model, rows: list[TokenizedRow], pad_id: int, chunk_size, dev, d
         del batch
         torch.cuda.empty_cache()
         half = len(rows) // 2
-        a = score_batch(model, rows[:half], pad_id, chunk_size, dev, dtype, shared)
-        b = score_batch(model, rows[half:], pad_id, chunk_size, dev, dtype, shared)
+        a = score_batch(model, rows[:half], pad_id, chunk_size, dev, dtype, sharing)
+        b = score_batch(model, rows[half:], pad_id, chunk_size, dev, dtype, sharing)
         return torch.cat([a[:half], b[:len(rows) - half], a[half:], b[len(rows) - half:]])
 
 
@@ -84,11 +84,11 @@ class _PartResult:
     tokens: int
 
 
-def compute_part(model, batches, pad_id, chunk_size, dev, dtype, shared, progress) -> _PartResult:
+def compute_part(model, batches, pad_id, chunk_size, dev, dtype, sharing, progress) -> _PartResult:
     cols = {name: [] for name in cache.SCHEMA.names}
     tokens = 0
     for rows in batches:
-        logps = score_batch(model, rows, pad_id, chunk_size, dev, dtype, shared)
+        logps = score_batch(model, rows, pad_id, chunk_size, dev, dtype, sharing)
         n = len(rows)
         for i, r in enumerate(rows):
             cols["row_index"].append(r.row_index)
@@ -129,17 +129,17 @@ def run_precompute(config: Config) -> dict:
     dev = modeling.device()
     dtype = modeling.compute_dtype(config, dev, config.ref_precision)
     model = modeling.prepare_reference(config)
-    shared = modeling.shared_mask_dtype(model, dtype) if modeling.use_prefix_sharing(config, model, dtype) else None
+    sharing = modeling.prefix_sharing(config, model, dtype)
     chunk = config.logprob_chunk_size
     n_rows = sum(len(b) for _, batches in todo for b in batches)
-    layout = "one shared sequence per pair" if shared is not None else "two sequences per pair"
+    layout = describe_layout(sharing)
     click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}, {layout} -> {cache_dir}")
     t0 = time.perf_counter()
     try:
         with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:
             progress.tokens, progress.t0 = 0, t0
             for plan_index, batches in todo:
-                part = compute_part(model, batches, tokenizer.pad_token_id, chunk, dev, dtype, shared, progress)
+                part = compute_part(model, batches, tokenizer.pad_token_id, chunk, dev, dtype, sharing, progress)
                 name = cache.part_name(plan_index, part.columns["row_index"])
                 cache.write_part(cache_dir, name, part.columns, fingerprint)
     except KeyboardInterrupt:

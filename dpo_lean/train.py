@@ -22,7 +22,7 @@ import torch
 
 from . import cache, faults, modeling
 from .config import Config, require
-from .data.collate import collate_pairs, collate_shared
+from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.tokenize import TokenizedRow
 from .errors import DpoLeanError, Interrupted
@@ -96,17 +96,15 @@ def to_dataset(rows: list[TokenizedRow], ref: dict):
 
 @dataclass
 class PairCollator:
-    """Pairs -> a batch for batch_logps: two sequences per pair, or one shared sequence (prefix sharing)."""
+    """Pairs -> a batch for batch_logps: two sequences per pair, or one shared sequence where ``sharing`` pays."""
 
     pad_id: int
-    shared: bool = False
-    mask_dtype: torch.dtype = torch.float32
+    sharing: Sharing | None = None
 
     def __call__(self, features: list[dict]) -> dict:
         ids = ([f["prompt_ids"] for f in features], [f["chosen_ids"] for f in features],
                [f["rejected_ids"] for f in features])
-        batch = (collate_shared(*ids, self.pad_id, mask_dtype=self.mask_dtype) if self.shared
-                 else collate_pairs(*ids, self.pad_id))
+        batch = collate(*ids, self.pad_id, self.sharing)
         batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features], dtype=torch.float32)
         batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features], dtype=torch.float32)
         batch["chosen_tokens"] = torch.tensor([len(f["chosen_ids"]) for f in features], dtype=torch.float32)
@@ -350,7 +348,8 @@ def run_train(config: Config) -> dict:
     resume = resume_target(config)
     model = modeling.prepare_policy(config)
     dtype = modeling.compute_dtype(config, modeling.device())
-    shared = modeling.use_prefix_sharing(config, model, dtype)
+    sharing = modeling.prefix_sharing(config, model, dtype)
+    _say(f"layout: {describe_layout(sharing)}")
     summary_extra = {"config": config.to_dict(), "cache_fingerprint": fingerprint,
                      "rows": {"train": len(train_rows), "eval": len(eval_set.rows), "skipped": len(data.skips)}}
     if eval_set.fingerprint:
@@ -359,7 +358,7 @@ def run_train(config: Config) -> dict:
     interrupt = faults.StopOnInterrupt()
     trainer = _trainer_class()(
         model=model, args=args, dpo=config,
-        data_collator=PairCollator(tokenizer.pad_token_id, shared, modeling.shared_mask_dtype(model, dtype)),
+        data_collator=PairCollator(tokenizer.pad_token_id, sharing),
         train_dataset=to_dataset(train_rows, ref),
         eval_dataset=to_dataset(eval_set.rows, eval_set.ref) if eval_set.rows else None,
         processing_class=tokenizer, callbacks=[writer, interrupt])

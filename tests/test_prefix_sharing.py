@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpo_lean import modeling
-from dpo_lean.data.collate import collate_pairs, collate_shared, shared_attention_mask
+from dpo_lean.data.collate import Sharing, collate, collate_pairs, collate_shared, layout_flops, shared_attention_mask
 from dpo_lean.data.pipeline import prepare_data
 from dpo_lean.errors import DpoLeanError
 from dpo_lean.logprobs import batch_logps
@@ -78,16 +78,42 @@ def test_shared_equals_two_sequences_in_value_and_lora_gradient(tiny_config, tin
 def test_a_model_that_cannot_take_the_mask_falls_back_with_one_warning(tiny_config, monkeypatch):
     config = tiny_config(copy_cache=False)
     model = modeling.prepare_reference(config)
-    assert modeling.use_prefix_sharing(config, model, torch.float32)
+    sharing = modeling.prefix_sharing(config, model, torch.float32)
+    assert sharing is not None and not sharing.always  # auto: where it pays
+    assert sharing.hidden_size == model.config.hidden_size
+    assert sharing.intermediate_size == model.config.intermediate_size
+    assert modeling.prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=True), model, torch.float32).always
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, position_ids=None, **kw: forward(*a, **kw))  # drops positions
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert not modeling.use_prefix_sharing(config, model, torch.float32)
+        assert modeling.prefix_sharing(config, model, torch.float32) is None
     assert len([w for w in caught if "prefix sharing" in str(w.message)]) == 1
     with pytest.raises(DpoLeanError, match="prefix_sharing"):
-        modeling.use_prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=True), model, torch.float32)
-    assert not modeling.use_prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=False), model, torch.float32)
+        modeling.prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=True), model, torch.float32)
+    assert modeling.prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=False), model, torch.float32) is None
+
+
+def test_layout_flops_by_hand():
+    # 2 rows padded to width 5, H 2, I 4: 2 * 5 * (8*2*2 + 6*2*4 + 4*5*2) = 10 * (32 + 48 + 40)
+    assert layout_flops([3, 5], hidden_size=2, intermediate_size=4) == 1200
+
+
+def test_auto_shares_the_batches_where_the_prompt_outweighs_the_longer_attention():
+    sharing = Sharing(torch.bool, hidden_size=64, intermediate_size=256)
+    # H 64, I 256: projections 8*64*64 + 6*64*256 = 131,072 FLOPs a token, attention 256 a key
+    # prompt 200, completions 10 and 10: two rows of 210 cost 2*210*(131072 + 256*210) = 77.6M,
+    # one row of 220 costs 220*(131072 + 256*220) = 41.2M -> shared
+    prompt_heavy = ([list(range(200))], [[1] * 10], [[2] * 10])
+    # prompt 1, completions 300 and 300: two rows of 301 cost 602*(131072 + 256*301) = 125.3M,
+    # one row of 601 costs 601*(131072 + 256*601) = 171.2M -> two sequences
+    completion_heavy = ([[5]], [[1] * 300], [[2] * 300])
+    assert sharing.pays(*prompt_heavy) and not sharing.pays(*completion_heavy)
+    assert "position_ids" in collate(*prompt_heavy, pad_id=0, sharing=sharing)
+    assert collate(*completion_heavy, pad_id=0, sharing=sharing)["input_ids"].shape == (2, 301)
+    always = Sharing(torch.bool, hidden_size=64, intermediate_size=256, always=True)
+    assert collate(*completion_heavy, pad_id=0, sharing=always)["input_ids"].shape == (1, 601)
+    assert collate(*prompt_heavy, pad_id=0, sharing=None)["input_ids"].shape == (2, 210)
 
 
 def test_the_cache_serves_either_layout(tiny_config, tmp_path):

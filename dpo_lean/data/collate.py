@@ -6,9 +6,12 @@ one shared sequence per pair (``collate_shared``, prefix sharing):  [prompt | ch
 Both give ``score_index`` (flat positions into [rows * T] whose hidden state predicts a completion
 token), ``score_targets`` (that token) and ``score_segment`` (0..B-1 for chosen i, B..2B-1 for
 rejected i), so logprobs.batch_logps sums the same tokens with the same predictors either way.
+``collate`` picks the layout per batch (see ``Sharing``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -96,3 +99,51 @@ def collate_shared(prompts: list[list[int]], chosens: list[list[int]], rejecteds
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
             **_scores(chosen_spans + rejected_spans, width, b,
                       sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds)))}
+
+
+def layout_flops(lengths: list[int], hidden_size: int, intermediate_size: int) -> int:
+    """Forward FLOPs per decoder layer of a right-padded batch of sequences with these ``lengths``:
+
+        rows * width * (8 H^2 + 6 H I + 4 width H)
+
+    the projections (q, k, v, o: 4 H^2 multiply-adds a token; the gated MLP: 3 H I) and attention over all
+    ``width`` keys (scores and weighted sum: 2 width H), padding included. The output head is left out:
+    both layouts score the same completion tokens with it.
+    """
+    width, h = max(lengths), hidden_size
+    return len(lengths) * width * (8 * h * h + 6 * h * intermediate_size + 4 * width * h)
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """Prefix sharing for a model that takes the shared mask: on every batch (``always``), or on the
+    batches where one [prompt | chosen | rejected] sequence per pair costs fewer FLOPs than two sequences
+    (prompt-heavy pairs save the prompt's second pass; with short prompts, the longer shared rows' attention
+    can cost more than the prompt saves)."""
+
+    mask_dtype: torch.dtype
+    hidden_size: int
+    intermediate_size: int
+    always: bool = False
+
+    def pays(self, prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]]) -> bool:
+        if self.always:
+            return True
+        two = [len(p) + len(c) for p, c in zip(prompts, chosens)] + [len(p) + len(r) for p, r in zip(prompts, rejecteds)]
+        one = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds)]
+        h, i = self.hidden_size, self.intermediate_size
+        return layout_flops(one, h, i) < layout_flops(two, h, i)
+
+
+def describe_layout(sharing: Sharing | None) -> str:
+    if sharing is None:
+        return "two sequences per pair"
+    return "one shared sequence per pair" if sharing.always else "prefix sharing on the batches where it saves work"
+
+
+def collate(prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]], pad_id: int,
+            sharing: Sharing | None = None) -> dict:
+    """The batch in the shared layout where ``sharing`` says it pays, else as two sequences per pair."""
+    if sharing is not None and sharing.pays(prompts, chosens, rejecteds):
+        return collate_shared(prompts, chosens, rejecteds, pad_id, mask_dtype=sharing.mask_dtype)
+    return collate_pairs(prompts, chosens, rejecteds, pad_id)
