@@ -12,19 +12,26 @@ rows of ../shared/data/dpo_en_demo.json (long multi-turn chats) where present, e
 
 train (cache prepared beforehand, not timed):
   dpo-lean          `dpo-lean train` against the cache, two sequences per pair; the same batches as the others
-  dpo-lean+shared   the same with prefix sharing: one [prompt | chosen | rejected] sequence per pair
-  dpo-lean+groups   `dpo-lean train` with its defaults: prefix sharing and length-grouped batches
+  dpo-lean+shared   the same with prefix sharing on every batch: one [prompt | chosen | rejected] sequence per pair
+  dpo-lean+auto     prefix_sharing: auto, the default: the shared layout on the batches where it saves FLOPs
+  dpo-lean+groups   `dpo-lean train` with its defaults: prefix_sharing auto and length-grouped batches
   sft               the same model and LoRA, ordinary transformers causal-LM loss on the same chosen and
                     rejected sequences (the single-model SFT yardstick)
   trl               TRL DPOTrainer as QLoRA users run it: PEFT adapter, no ref_model (reference = adapter off)
   trl+precompute    the same with precompute_ref_log_probs=True (precompute not timed)
 precompute:
   dpo-lean          `dpo-lean precompute` (the pass, after loading), two sequences per pair
-  dpo-lean+shared   the same with prefix sharing
+  dpo-lean+shared   the same with prefix sharing on every batch
+  dpo-lean+auto     prefix_sharing: auto (the default)
   trl               TRL's precompute_ref_log_probs pass
   bare-forward      a plain no-grad forward (model(input_ids), full logits) over the same batches: the floor
 Peak memory: peak RSS of the process on CPU (CUDA peak allocated on a GPU), measured from the start of
 training (train) or over the whole process after imports (precompute). Step time: median after warm-up.
+Precompute tokens/s: the median of --passes passes, each in a fresh process, contenders taking turns.
+
+Prefix sharing pays where the layers are most of the work and prompts are long; for that shape:
+    python tools/bench.py train --vocab 8192 --hidden 1024 --layers 8 --truncation keep_end --cutoff 1024 \
+        --rows 16 --multi-turn --only dpo-lean dpo-lean+shared
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,8 +50,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DEMO = ROOT.parent / "shared" / "data" / "dpo_en_demo.json"
-TRAIN_CONTENDERS = ("dpo-lean", "dpo-lean+shared", "dpo-lean+groups", "sft", "trl", "trl+precompute")
-PRECOMPUTE_CONTENDERS = ("dpo-lean", "dpo-lean+shared", "trl", "bare-forward")
+TRAIN_CONTENDERS = ("dpo-lean", "dpo-lean+shared", "dpo-lean+auto", "dpo-lean+groups", "sft", "trl", "trl+precompute")
+PRECOMPUTE_CONTENDERS = ("dpo-lean", "dpo-lean+shared", "dpo-lean+auto", "trl", "bare-forward")
 LORA = {"r": 16, "alpha": 32, "targets": "all-linear"}
 
 # ---------------------------------------------------------------- setup (parent process)
@@ -188,11 +196,11 @@ def _config(raw: dict):
     return from_dict(raw)
 
 
-def train_dpo_lean(raw: dict, warmup: int, shared: bool = False, grouped: bool = False) -> dict:
+def train_dpo_lean(raw: dict, warmup: int, sharing: bool | str = False, grouped: bool = False) -> dict:
     from dpo_lean.train import run_train
 
     record = instrument_trainer(sequential=not grouped)
-    run_train(_config({**raw, "group_by_length": grouped, "prefix_sharing": shared or grouped}))
+    run_train(_config({**raw, "group_by_length": grouped, "prefix_sharing": sharing}))
     return summarise_steps(record, warmup)
 
 
@@ -293,18 +301,26 @@ def train_trl(raw: dict, warmup: int, precompute: bool = False) -> dict:
 
 def _dataset_tokens(raw: dict) -> int:
     """Real (non-padding) tokens of the pass: prompt + chosen and prompt + rejected for every row."""
+    return _token_split(raw)[0]
+
+
+def _token_split(raw: dict) -> tuple[int, int]:
+    """(tokens as two sequences per pair, tokens as one shared [prompt | chosen | rejected] sequence)."""
     from dpo_lean import modeling
     from dpo_lean.data.pipeline import prepare_data
 
     config = _config(raw)
     rows = prepare_data(config, modeling.load_tokenizer(config)).rows
-    return sum(2 * len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
+    two = sum(2 * len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
+    return two, two - sum(len(r.prompt_ids) for r in rows)
 
 
-def precompute_dpo_lean(raw: dict, shared: bool = False) -> dict:
+def precompute_dpo_lean(raw: dict, sharing: bool | str = False) -> dict:
     from dpo_lean.precompute import run_precompute
 
-    summary = run_precompute(_config({**raw, "overwrite_cache": True, "prefix_sharing": shared}))
+    cache_dir = Path(raw["ref_cache_dir"])
+    shutil.rmtree(cache_dir, ignore_errors=True)  # a complete cache would be reused, and this pass is timed
+    summary = run_precompute(_config({**raw, "prefix_sharing": sharing}))
     return {"seconds": summary["seconds"], "tokens": summary["tokens"]}
 
 
@@ -348,15 +364,17 @@ def precompute_bare(raw: dict) -> dict:
 
 WORKERS = {
     "train:dpo-lean": lambda raw, w: train_dpo_lean(raw, w),
-    "train:dpo-lean+shared": lambda raw, w: train_dpo_lean(raw, w, shared=True),
-    "train:dpo-lean+groups": lambda raw, w: train_dpo_lean(raw, w, grouped=True),
+    "train:dpo-lean+shared": lambda raw, w: train_dpo_lean(raw, w, sharing=True),
+    "train:dpo-lean+auto": lambda raw, w: train_dpo_lean(raw, w, sharing="auto"),
+    "train:dpo-lean+groups": lambda raw, w: train_dpo_lean(raw, w, sharing="auto", grouped=True),
     "train:sft": train_sft,
     "train:trl": lambda raw, w: train_trl(raw, w),
     "train:trl+precompute": lambda raw, w: train_trl(raw, w, precompute=True),
-    "precompute:dpo-lean": lambda raw, w: precompute_dpo_lean(raw),
-    "precompute:dpo-lean+shared": lambda raw, w: precompute_dpo_lean(raw, shared=True),
-    "precompute:trl": lambda raw, w: precompute_trl(raw),
-    "precompute:bare-forward": lambda raw, w: precompute_bare(raw),
+    "precompute:dpo-lean": lambda raw, _: precompute_dpo_lean(raw),
+    "precompute:dpo-lean+shared": lambda raw, _: precompute_dpo_lean(raw, sharing=True),
+    "precompute:dpo-lean+auto": lambda raw, _: precompute_dpo_lean(raw, sharing="auto"),
+    "precompute:trl": lambda raw, _: precompute_trl(raw),
+    "precompute:bare-forward": lambda raw, _: precompute_bare(raw),
 }
 
 
@@ -412,6 +430,9 @@ def run_train_bench(args, tmp: Path, model: str, data: str, label: str) -> dict:
     results = {name: spawn(f"train:{name}", {**raw, "output_dir": str(tmp / label / name)}, args.warmup)
                for name in args.train_contenders}
     base = results["dpo-lean"]
+    two, shared = _token_split(raw)
+    print(f"\ntokens of the {args.rows} pairs: {two:,} as two sequences per pair, {shared:,} as one shared sequence "
+          f"per pair ({shared / two:.2f}; the prompt is {2 * (two - shared) / two:.0%} of the two-sequence tokens)")
     rows = []
     for name, r in results.items():
         if "error" in r:
@@ -428,8 +449,12 @@ def run_train_bench(args, tmp: Path, model: str, data: str, label: str) -> dict:
 
 def run_precompute_bench(args, tmp: Path, model: str, data: str, label: str) -> dict:
     raw = dpo_config(args, model, data, tmp / label / "pre")
-    results = {name: spawn(f"precompute:{name}", {**raw, "ref_cache_dir": str(tmp / label / f"cache-{name}")}, 0)
-               for name in PRECOMPUTE_CONTENDERS}
+    passes = {name: [] for name in PRECOMPUTE_CONTENDERS}
+    for _ in range(args.passes):  # round-robin, so a slow spell of a shared machine hits every contender alike
+        for name in PRECOMPUTE_CONTENDERS:
+            passes[name].append(spawn(f"precompute:{name}",
+                                      {**raw, "ref_cache_dir": str(tmp / label / f"cache-{name}")}, 0))
+    results = {name: _median_pass(runs) for name, runs in passes.items()}
     base = results["dpo-lean"]
     rows = []
     for name, r in results.items():
@@ -439,9 +464,18 @@ def run_precompute_bench(args, tmp: Path, model: str, data: str, label: str) -> 
         tps = r["tokens"] / r["seconds"]
         rows.append((name, f"{r['peak_gb']:.2f}", f"{tps:,.0f}", _ratio(r["peak_gb"], base.get("peak_gb")),
                      _ratio(base["tokens"] / base["seconds"], tps)))
-    _print_table(f"precompute, {label}", rows,
+    _print_table(f"precompute, {label}: peak memory and median tokens/s of {args.passes} passes", rows,
                  ("contender", "peak GB", "tokens/s", "peak / dpo-lean", "dpo-lean tokens/s / this"))
     return results
+
+
+def _median_pass(runs: list[dict]) -> dict:
+    """One precompute contender over its passes (each in a fresh process): median time, highest peak."""
+    ok = [r for r in runs if "error" not in r]
+    if len(ok) < len(runs):
+        return next(r for r in runs if "error" in r)
+    return {"seconds": statistics.median(r["seconds"] for r in ok), "tokens": ok[0]["tokens"],
+            "peak_gb": max(r["peak_gb"] for r in ok)}
 
 
 def _ratio(a, b) -> str:
@@ -463,6 +497,7 @@ def main() -> None:
                         help="keep_start is TRL's (needed for the TRL rows); keep_end keeps long prompts")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--passes", type=int, default=3, help="precompute passes per contender, each a fresh process (median)")
     parser.add_argument("--only", nargs="+", choices=TRAIN_CONTENDERS, default=list(TRAIN_CONTENDERS),
                         dest="train_contenders", help="train contenders to run (dpo-lean always runs)")
     parser.add_argument("--json", help="also write all figures to this file")
