@@ -72,7 +72,7 @@ def score(config: Config, model, eval_set: train.EvalSet, pad_id: int) -> dict[s
     size = config.per_device_eval_batch_size
     for start in range(0, len(dataset), size):
         features = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
-        batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in collate(features).items()}
+        batch = modeling.batch_to(collate(features), dev)
         with modeling.inference(model), modeling.autocast(dtype, dev):
             losses, stats = train.pair_metrics(config, batch_logps(model, batch, config.logprob_chunk_size), batch)
         stats["loss"] = losses

@@ -100,21 +100,6 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size)
 
 
-def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
-                   completion_mask: torch.Tensor, bias: torch.Tensor | None = None,
-                   chunk_size: int | None = None) -> torch.Tensor:
-    """Summed completion log-prob per sequence, float32 [B].
-
-    hidden [B, T, H] are the final hidden states; completion_mask [B, T] is 1 at completion tokens
-    (prompt and padding 0). Position t-1 predicts token t, so only positions whose next token is a
-    completion token are scored.
-    """
-    scored = completion_mask[:, 1:].bool()
-    rows = torch.nonzero(scored, as_tuple=True)[0]
-    flat_logps = token_logps(hidden[:, :-1][scored], weight, input_ids[:, 1:][scored], bias, chunk_size)
-    return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, flat_logps)
-
-
 def gather_logps(hidden: torch.Tensor, weight: torch.Tensor, score_index: torch.Tensor,
                  score_targets: torch.Tensor, score_segment: torch.Tensor, num_segments: int,
                  bias: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:

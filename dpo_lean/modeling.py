@@ -211,8 +211,8 @@ def prefix_sharing_works(model, dtype: torch.dtype) -> bool:
     pair = ([[1, 5, 9, 13, 17]], [[2 + (7 * i) % 61 for i in range(32)]], [[3, 7, 11, 15]])
     try:
         with inference(model):
-            two = batch_logps(model, _to(collate_pairs(*pair, pad_id=0), dev))
-            one = batch_logps(model, _to(collate_shared(*pair, pad_id=0,
+            two = batch_logps(model, batch_to(collate_pairs(*pair, pad_id=0), dev))
+            one = batch_logps(model, batch_to(collate_shared(*pair, pad_id=0,
                                                         mask_dtype=shared_mask_dtype(model, dtype)), dev))
     except Exception:  # any model that rejects the inputs falls back to two sequences
         return False
@@ -226,7 +226,8 @@ def shared_mask_dtype(model, dtype: torch.dtype) -> torch.dtype:
     return torch.bool if getattr(model.config, "_attn_implementation", None) == "sdpa" else dtype
 
 
-def _to(batch: dict, dev: torch.device) -> dict:
+def batch_to(batch: dict, dev: torch.device) -> dict:
+    """The batch's tensors on ``dev`` (counts and other plain values as they are)."""
     return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 

@@ -62,8 +62,7 @@ def score_batch(model, rows: list[TokenizedRow], pad_id: int, chunk_size, dev, d
     None for two sequences per pair.
     """
     ids = [r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows]
-    batch = collate(*ids, pad_id, sharing)
-    batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = modeling.batch_to(collate(*ids, pad_id, sharing), dev)
     try:
         with modeling.inference(model), modeling.autocast(dtype, dev):
             return batch_logps(model, batch, chunk_size).cpu()

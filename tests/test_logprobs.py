@@ -7,7 +7,7 @@ import torch
 
 from dpo_lean import modeling
 from dpo_lean.data.collate import collate_pairs
-from dpo_lean.logprobs import batch_logps, sequence_logps, token_logps
+from dpo_lean.logprobs import batch_logps, gather_logps, token_logps
 
 
 def naive_token_logps(hidden, weight, targets, bias=None):
@@ -46,16 +46,16 @@ def test_frozen_head_gets_no_gradient_buffer_and_exact_hidden_gradient():
     torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_sequence_logps_sums_completion_tokens_only():
+def test_gather_logps_sums_the_scored_tokens_only():
     # Hand-checkable: vocab 3, hidden = one-hot-ish so logits are known.
     weight = torch.eye(3)
     hidden = torch.tensor([[[0.0, 0, 0], [1.0, 0, 0], [0, 2.0, 0], [0, 0, 0]]])  # [1, 4, 3]
-    input_ids = torch.tensor([[2, 0, 1, 2]])
-    mask = torch.tensor([[0, 0, 1, 1]])  # tokens 2 and 3 are the completion
-    # token 2 (id 1) is predicted by position 1: logits [1, 0, 0]; token 3 (id 2) by position 2: logits [0, 2, 0]
+    # sequence [2, 0, 1, 2], tokens 2 and 3 the completion: token 2 (id 1) is predicted by position 1,
+    # logits [1, 0, 0]; token 3 (id 2) by position 2, logits [0, 2, 0]
     e = torch.e
     expected = (torch.log(torch.tensor(1 / (e + 2))) + torch.log(torch.tensor(1 / (2 + e**2))))
-    out = sequence_logps(hidden, weight, input_ids, mask)
+    out = gather_logps(hidden, weight, score_index=torch.tensor([1, 2]), score_targets=torch.tensor([1, 2]),
+                       score_segment=torch.tensor([0, 0]), num_segments=1)
     torch.testing.assert_close(out, expected.reshape(1), rtol=0, atol=1e-6)
 
 
