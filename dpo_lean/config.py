@@ -64,7 +64,7 @@ class Config:
     finetuning_type: str = _key("lora", "Fine-tuning type; dpo-lean trains LoRA adapters only.", group="method", choices=("lora",))
     do_train: bool = _key(True, "Accepted for LLaMA-Factory compatibility; `dpo-lean train` always trains.", group="method", compat=True)
     pref_beta: float = _key(0.1, "DPO beta: strength of the pull towards the reference.", group="method", min=0.0, min_exclusive=True)
-    pref_loss: str = _key("sigmoid", "Preference loss (LLaMA-Factory's and TRL's names), or a comma list mixed by pref_loss_weights: " + ", ".join(PREF_LOSSES) + ". orpo, simpo and sft need no reference cache.", group="method")
+    pref_loss: str = _key("sigmoid", "Preference loss (LLaMA-Factory's and TRL's names), or a comma list mixed by pref_loss_weights: " + ", ".join(PREF_LOSSES) + ". orpo and simpo (alone or with sft) need no reference cache.", group="method")
     pref_loss_weights: str | None = _key(None, "Comma list of weights, one per pref_loss entry (TRL's loss_weights; MPO: pref_loss=sigmoid,bco_pair,sft with 0.8,0.2,1.0); default 1 each.", group="method", comma_list=True)
     pref_ftx: float = _key(0.0, "Weight of an SFT term (mean NLL per token of the chosen completion, per pair, as LLaMA-Factory) added to the loss.", group="method", min=0.0)
     dpo_label_smoothing: float = _key(0.0, "Label smoothing eps: conservative DPO on sigmoid (LLaMA-Factory's meaning; TRL's sigmoid ignores it), TRL's label_smoothing for robust, exo_pair (needs > 0), aot and aot_unpaired.", group="method", min=0.0, max=0.5, max_exclusive=True)
