@@ -195,7 +195,7 @@ class Config:
 
     @property
     def needs_reference(self) -> bool:
-        """False when every pref_loss is reference-free (orpo, simpo, sft): no reference cache then."""
+        """False for orpo or simpo, alone or with sft (policy-only losses): no reference cache then."""
         return needs_reference(self.pref_losses)
 
     @property

@@ -46,7 +46,7 @@ def pair_metrics(config: Config, scores: dict[str, torch.Tensor], batch: dict,
     """Per-pair losses [B] and TRL's per-pair metrics from the policy's ``scores`` (logprobs.completion_scores).
 
     ``bco_baseline``: called with the batch's mean reward (pref_bco_weight), returns the BCO term's delta.
-    Reference-free runs (orpo, simpo, sft) log rewards and ``logps/*`` of length-averaged log-probs, as LF.
+    Reference-free runs (orpo, simpo, alone or with sft) log rewards and ``logps/*`` of length-averaged log-probs, as LF.
     """
     n = batch["num_pairs"]
     pi_w, pi_l = scores["logps"][:n], scores["logps"][n:]

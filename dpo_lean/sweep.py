@@ -12,7 +12,7 @@ Splitting rule: ``key=a,b`` sweeps a and b, except for the keys whose value is i
 separates alternatives for every key: ``'lora_target=q_proj,v_proj;all'`` sweeps two LoRA targets, and
 ``'pref_loss=sigmoid,bco_pair,sft;ipo'`` a loss mix (MPO) against ipo.
 
-Every loss trains from the one cache; a sweep whose runs are all reference-free (orpo, simpo, sft) needs none.
+Every loss trains from the one cache; a sweep whose runs are all reference-free (orpo, simpo) needs none.
 """
 
 from __future__ import annotations

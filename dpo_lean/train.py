@@ -2,7 +2,7 @@
 
     rows   = prepare_data(config)                        # the same tokenisation as precompute
     ref    = verified cache, joined to rows by id        # refuses a stale or incomplete cache; none for
-                                                         # reference-free losses (orpo, simpo, sft)
+                                                         # reference-free losses (orpo, simpo)
     policy = 4-bit (or plain) base + LoRA                # no reference model, ever
     per batch:  scores = batch_scores(policy, batch)     # the same log-prob function as precompute
                 loss = objective.pair_metrics(config, scores, batch)   # preference_loss, TRL's metrics
@@ -151,6 +151,15 @@ def _trainer_class():
             """The RewardBaseline callback (pref_bco_weight), looked up each time: a resume may replace it."""
             return next((c for c in self.callback_handler.callbacks if isinstance(c, RewardBaseline)), None)
 
+        def _bco_baseline(self, training: bool):
+            """pref_bco_weight's delta: a training batch updates the running mean (all ranks), eval reads it."""
+            baseline = self.reward_baseline
+            if baseline is None:
+                return None
+            if training:
+                return lambda reward: baseline.update(self.accelerator.gather(reward.reshape(1)))
+            return lambda reward: baseline.mean
+
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
             faults.guard_optimizer(optimizer, self, skip=self.dpo.skip_nonfinite_steps)
@@ -164,11 +173,7 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             scores = batch_scores(model, inputs, self.dpo.logprob_chunk_size, wpo=self.dpo.pref_use_weighting)
-            baseline = self.reward_baseline
-            update = baseline is not None and model.training
-            losses, stats = pair_metrics(self.dpo, scores, inputs, bco_baseline=(
-                (lambda r: baseline.update(self.accelerator.gather(r.reshape(1)))) if update
-                else (lambda r: baseline.mean) if baseline is not None else None))
+            losses, stats = pair_metrics(self.dpo, scores, inputs, bco_baseline=self._bco_baseline(model.training))
             if model.training:
                 self.window_rows += inputs["row_index"].tolist()
                 self.window_finite &= bool(torch.isfinite(losses).all())
@@ -290,7 +295,7 @@ def resume_target(config: Config) -> str | None:
 def prepare_run(config: Config):
     """Tokenizer, data and verified reference: everything train needs before it loads the policy.
 
-    A reference-free pref_loss (orpo, simpo, sft) reads no cache: fingerprint and reference are None.
+    A reference-free pref_loss (orpo, simpo; see Config.needs_reference) reads no cache: fingerprint and reference are None.
     """
     require(config, "model_name_or_path", "dataset")
     tokenizer = modeling.load_tokenizer(config)
