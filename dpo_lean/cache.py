@@ -44,7 +44,8 @@ SCHEMA = pa.schema([
     ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32()), ("prompt_tokens", pa.int32()),
 ])
 # Recorded, never compared: where things were found and which dpo-lean wrote them; the content fields decide.
-INFORMATIONAL = {"dpo_lean_version", "dataset.sources", "dataset.spec", "dataset.max_samples", "model.name_or_path"}
+INFORMATIONAL = {"dpo_lean_version", "dataset.sources", "dataset.spec", "dataset.max_samples", "model.name_or_path",
+                 "reference.model.name_or_path", "reference.adapter_paths"}
 
 # ---------------------------------------------------------------- fingerprint
 
@@ -66,8 +67,12 @@ def _weights_digest(files: list[Path], block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(name_or_path: str, revision: str = "main", cache_dir: str | None = None) -> dict:
-    """Identify the weights without loading them: local files by a cheap digest, hub models by commit."""
+def model_fingerprint(name_or_path: str, revision: str = "main", cache_dir: str | None = None,
+                      key: str = "model_name_or_path") -> dict:
+    """Identify the weights without loading them: local files by a cheap digest, hub models by commit.
+
+    ``key``: the config key that names the model, for errors (model_name_or_path, ref_model).
+    """
     local = Path(name_or_path)
     if local.is_dir():
         config_file = local / "config.json"
@@ -79,13 +84,37 @@ def model_fingerprint(name_or_path: str, revision: str = "main", cache_dir: str 
         try:
             config_file = Path(cached_file(name_or_path, "config.json", revision=revision, cache_dir=cache_dir))
         except (OSError, ValueError) as e:
-            raise DpoLeanError(f"config key 'model_name_or_path': {name_or_path!r} is neither a local directory "
+            raise DpoLeanError(f"config key '{key}': {name_or_path!r} is neither a local directory "
                                f"nor a reachable hub model ({str(e).splitlines()[0]})") from None
         commit, weights = config_file.parent.name, []  # the snapshot folder is named by the commit
     if not config_file.is_file():
-        raise DpoLeanError(f"config key 'model_name_or_path': {name_or_path!r} has no config.json")
+        raise DpoLeanError(f"config key '{key}': {name_or_path!r} has no config.json")
     return {"name_or_path": str(name_or_path), "revision": revision, "commit": commit,
             "config_sha256": _sha256_bytes(config_file.read_bytes()),
+            "weights_sha256": _weights_digest(weights) if weights else None}
+
+
+def adapter_fingerprint(name_or_path: str, revision: str = "main", cache_dir: str | None = None,
+                        key: str = "adapter_name_or_path") -> dict:
+    """Identify a PEFT adapter without loading it: its adapter_config.json and weight files (local), or its
+    hub commit. The path is left out (the caller records it apart, as information)."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        config_file, commit = local / "adapter_config.json", None
+        weights = [p for p in local.iterdir() if p.name.startswith("adapter_model.") and p.is_file()]
+    else:
+        from transformers.utils import cached_file
+
+        try:
+            config_file = Path(cached_file(name_or_path, "adapter_config.json", revision=revision, cache_dir=cache_dir))
+        except (OSError, ValueError) as e:
+            raise DpoLeanError(f"config key '{key}': {name_or_path!r} is neither a local adapter folder nor a "
+                               f"reachable hub adapter ({str(e).splitlines()[0]})") from None
+        commit, weights = config_file.parent.name, []
+    if not config_file.is_file():
+        raise DpoLeanError(f"config key '{key}': {name_or_path!r} holds no adapter (adapter_config.json); "
+                           "name the folder a PEFT save_pretrained wrote")
+    return {"commit": commit, "config_sha256": _sha256_bytes(config_file.read_bytes()),
             "weights_sha256": _weights_digest(weights) if weights else None}
 
 
@@ -97,7 +126,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def build_fingerprint(config, tokenizer, data, reference: dict) -> dict:
-    """Everything the cached values depend on. ``reference`` = {precision, quantization, dtype}."""
+    """Everything the cached values depend on. ``reference``: how the reference is loaded (modeling.reference_spec:
+    precision, quantization, dtype; and, when set, its own model and its adapters)."""
     return {
         "format_version": FORMAT_VERSION,
         "model": model_fingerprint(config.model_name_or_path, config.model_revision, config.cache_dir),

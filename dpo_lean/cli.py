@@ -193,11 +193,13 @@ def export(config_path, overrides):
 
 
 @main.command()
-def keys():
-    """List every config key with its type, default and meaning."""
-    from .config import key_table
+@click.argument("names", nargs=-1, metavar="[KEY ...]")
+def keys(names):
+    """Every config key (type, default, LLaMA-Factory status, meaning), and what dpo-lean does with each
+    LLaMA-Factory key it has no key for; with KEY names, just those keys."""
+    from .keys import describe_key, key_table
 
-    click.echo(key_table())
+    click.echo("\n".join(describe_key(n) for n in names) if names else key_table())
 
 
 if __name__ == "__main__":

@@ -32,13 +32,15 @@ SCHEDULERS = (
 
 
 def _key(default, help: str, *, group: str, choices=None, min=None, max=None, min_exclusive=False,
-         max_exclusive=False, compat: bool = False, comma_list: bool = False):
+         max_exclusive=False, lf: str | None = "honoured", comma_list: bool = False):
     """A config key: default, one-line meaning, and the rules its value must satisfy.
 
-    ``comma_list``: the value itself is a comma-separated list (so `dpo-lean sweep` does not split it on commas).
+    ``lf``: what the LLaMA-Factory key of this name does here: "honoured" (LF's meaning), "no effect" (accepted,
+    means nothing here), or None for a key of dpo-lean's own. ``comma_list``: the value itself is a
+    comma-separated list (so `dpo-lean sweep` does not split it on commas).
     """
     meta = dict(help=help, group=group, choices=choices, min=min, max=max, min_exclusive=min_exclusive,
-                max_exclusive=max_exclusive, compat=compat, comma_list=comma_list)
+                max_exclusive=max_exclusive, lf=lf, comma_list=comma_list)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -47,39 +49,47 @@ def _key(default, help: str, *, group: str, choices=None, min=None, max=None, mi
 @dataclass
 class Config:
     # --- model ---
-    model_name_or_path: str | None = _key(None, "Hub id or local directory of the base model (also the reference).", group="model")
+    model_name_or_path: str | None = _key(None, "Hub id or local directory of the base model.", group="model")
+    adapter_name_or_path: str | None = _key(None, "The adapter the run starts from, as in LLaMA-Factory (e.g. your SFT LoRA): training continues it and the reference is base + it. A comma list is merged into the base in order and the last one continued. In a config without dataset (LF's export configs): the adapters `export` merges.", group="model", comma_list=True)
     model_revision: str = _key("main", "Hub revision (branch, tag or commit) of the model.", group="model")
     cache_dir: str | None = _key(None, "Where the Hugging Face hub cache keeps downloaded models (as in LLaMA-Factory).", group="model")
     trust_remote_code: bool = _key(False, "Allow model code from the hub repository to run. Off by default.", group="model")
     flash_attn: str = _key("auto", "Attention kernel: auto, sdpa, eager (or disabled), fa2.", group="model", choices=ATTN_CHOICES)
     quantization_bit: int | None = _key(None, "4 = bitsandbytes NF4 base (QLoRA); unset = the plain compute dtype.", group="model", choices=(None, 4))
+    quantization_method: str = _key("bnb", "Quantisation library: bnb (bitsandbytes) only.", group="model", choices=("bnb",))
     quantization_type: str = _key("nf4", "4-bit data type for bitsandbytes.", group="model", choices=("nf4", "fp4"))
     double_quantization: bool = _key(True, "Quantise the 4-bit quantisation constants too (saves ~0.4 bit/param).", group="model")
-    ref_precision: str = _key("base", "Reference precision: base = loaded exactly as the policy's base (step-0 loss is ln 2); bf16/fp16/fp32 = unquantised reference.", group="model", choices=REF_PRECISIONS)
     disable_gradient_checkpointing: bool = _key(False, "Turn off gradient checkpointing (faster, much more activation memory).", group="model")
-    use_safetensors_only: bool = _key(True, "Refuse pickle-based weight files (.bin); set false only for weights you trust.", group="model")
+    use_safetensors_only: bool = _key(True, "Refuse pickle-based weight files (.bin); set false only for weights you trust.", group="model", lf=None)
+
+    # --- reference (precompute loads it; train never does) ---
+    ref_precision: str = _key("base", "Reference precision: base = loaded as the policy's starting point is (same quantisation and dtype; step-0 loss is ln 2); bf16/fp16/fp32 = unquantised, in that dtype.", group="reference", choices=REF_PRECISIONS, lf=None)
+    ref_model: str | None = _key(None, "Another reference model instead of the starting point (hub id or folder with the same tokenizer vocabulary), loaded unquantised unless ref_model_quantization_bit. E.g. the bare base, as LF's reference is.", group="reference")
+    ref_model_adapters: str | None = _key(None, "Adapters on ref_model, merged in order (a 4-bit ref_model takes one, unmerged). Needs ref_model.", group="reference", comma_list=True)
+    ref_model_quantization_bit: int | None = _key(None, "4 = load ref_model in NF4 (quantization_type, double_quantization); unset = unquantised, as in LF. Needs ref_model.", group="reference", choices=(None, 4))
 
     # --- method ---
     stage: str = _key("dpo", "Training stage; dpo-lean does DPO only.", group="method", choices=("dpo",))
     finetuning_type: str = _key("lora", "Fine-tuning type; dpo-lean trains LoRA adapters only.", group="method", choices=("lora",))
-    do_train: bool = _key(True, "Accepted for LLaMA-Factory compatibility; `dpo-lean train` always trains.", group="method", compat=True)
+    do_train: bool = _key(True, "No effect: `dpo-lean train` always trains.", group="method", lf="no effect")
     pref_beta: float = _key(0.1, "DPO beta: strength of the pull towards the reference.", group="method", min=0.0, min_exclusive=True)
     pref_loss: str = _key("sigmoid", "Preference loss (LLaMA-Factory's and TRL's names), or a comma list mixed by pref_loss_weights: " + ", ".join(PREF_LOSSES) + ". orpo and simpo (alone or with sft) need no reference cache.", group="method")
-    pref_loss_weights: str | None = _key(None, "Comma list of weights, one per pref_loss entry (TRL's loss_weights; MPO: pref_loss=sigmoid,bco_pair,sft with 0.8,0.2,1.0); default 1 each.", group="method", comma_list=True)
+    pref_loss_weights: str | None = _key(None, "Comma list of weights, one per pref_loss entry (TRL's loss_weights; MPO: pref_loss=sigmoid,bco_pair,sft with 0.8,0.2,1.0); default 1 each.", group="method", comma_list=True, lf=None)
     pref_ftx: float = _key(0.0, "Weight of an SFT term (mean NLL per token of the chosen completion, per pair, as LLaMA-Factory) added to the loss.", group="method", min=0.0)
     dpo_label_smoothing: float = _key(0.0, "Label smoothing eps: conservative DPO on sigmoid (LLaMA-Factory's meaning; TRL's sigmoid ignores it), TRL's label_smoothing for robust, exo_pair (needs > 0), aot and aot_unpaired.", group="method", min=0.0, max=0.5, max_exclusive=True)
     simpo_gamma: float = _key(0.5, "SimPO's target reward margin gamma (simpo only).", group="method", min=0.0)
     pref_bco_weight: float = _key(0.0, "LLaMA-Factory's BCO mix: loss = (loss + w bco) / (1 + w), the BCO term against the running mean of the batch rewards.", group="method", min=0.0)
     ld_alpha: float | None = _key(None, "LD-DPO alpha: weight of each completion's tokens past the pair's shorter completion, in policy and reference log-probs (TRL's ld_alpha); unset = 1.", group="method", min=0.0, max=1.0)
-    pref_f_divergence: str = _key("reverse_kl", "f-DPO divergence (TRL's f_divergence_type): reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence; other than reverse_kl only with " + ", ".join(sorted(F_DIVERGENCE_LOSSES)) + ".", group="method", choices=F_DIVERGENCES)
-    pref_f_alpha_divergence_coef: float = _key(0.5, "alpha of pref_f_divergence: alpha_divergence (TRL's f_alpha_divergence_coef).", group="method")
-    pref_discopop_tau: float = _key(0.05, "DiscoPOP's temperature tau (discopop only; TRL's discopop_tau).", group="method", min=0.0, min_exclusive=True)
-    pref_use_weighting: bool = _key(False, "WPO: weight each pair's loss by the policy's length-normalised probability of both completions (TRL's use_weighting); one more no-grad pass of the output head.", group="method")
+    pref_f_divergence: str = _key("reverse_kl", "f-DPO divergence (TRL's f_divergence_type): reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence; other than reverse_kl only with " + ", ".join(sorted(F_DIVERGENCE_LOSSES)) + ".", group="method", choices=F_DIVERGENCES, lf=None)
+    pref_f_alpha_divergence_coef: float = _key(0.5, "alpha of pref_f_divergence: alpha_divergence (TRL's f_alpha_divergence_coef).", group="method", lf=None)
+    pref_discopop_tau: float = _key(0.05, "DiscoPOP's temperature tau (discopop only; TRL's discopop_tau).", group="method", min=0.0, min_exclusive=True, lf=None)
+    pref_use_weighting: bool = _key(False, "WPO: weight each pair's loss by the policy's length-normalised probability of both completions (TRL's use_weighting); one more no-grad pass of the output head.", group="method", lf=None)
     lora_rank: int = _key(8, "LoRA rank r.", group="method", min=1)
     lora_alpha: int | None = _key(None, "LoRA alpha; default 2 x lora_rank.", group="method", min=1)
     lora_dropout: float = _key(0.0, "Dropout on the LoRA input.", group="method", min=0.0, max=1.0)
-    prefix_sharing: bool | str = _key("auto", "Compute the prompt once for chosen and rejected (one sequence per pair, 4-D mask): auto = on the batches where it saves FLOPs, if the model takes the mask; true = every batch; false = never. Every way gives the same log-probs.", group="method", choices=("auto", True, False))
+    prefix_sharing: bool | str = _key("auto", "Compute the prompt once for chosen and rejected (one sequence per pair, 4-D mask): auto = on the batches where it saves FLOPs, if the model takes the mask; true = every batch; false = never. Every way gives the same log-probs.", group="method", choices=("auto", True, False), lf=None)
     lora_target: str = _key("all", "Modules that get LoRA: all (every linear layer except the output head) or a comma-separated list of names.", group="method", comma_list=True)
+    create_new_adapter: bool = _key(False, "With adapter_name_or_path: merge all of it into the (unquantised) base and train a new LoRA (lora_rank, lora_target) on top, instead of continuing the last adapter.", group="method")
 
     # --- data ---
     dataset: str | None = _key(None, "Comma-separated files (json, jsonl, parquet, csv) or names from dataset_dir/dataset_info.json.", group="data", comma_list=True)
@@ -87,25 +97,25 @@ class Config:
     eval_dataset: str | None = _key(None, "Evaluation datasets (same syntax as dataset), instead of val_size; precompute caches their reference log-probs in eval_ref_cache_dir.", group="data", comma_list=True)
     template: str = _key("auto", "Chat template: auto (the tokenizer's own), chatml, qwen, llama3, plain.", group="data")
     cutoff_len: int = _key(2048, "Most tokens of prompt + completion, for chosen and for rejected.", group="data", min=2)
-    truncation_mode: str = _key("keep_end", "keep_end: cut the prompt's start and the completions' end; keep_start: keep the prompt whole, cut completions' end, skip rows whose prompt fills cutoff_len.", group="data", choices=TRUNCATION_MODES)
+    truncation_mode: str = _key("keep_end", "keep_end: cut the prompt's start and the completions' end; keep_start: keep the prompt whole, cut completions' end, skip rows whose prompt fills cutoff_len.", group="data", choices=TRUNCATION_MODES, lf=None)
     max_samples: int | None = _key(None, "Use at most this many rows of each dataset (the first ones).", group="data", min=1)
     val_size: float = _key(0.0, "Held-out share of the rows (< 1) or row count (>= 1) for evaluation.", group="data", min=0.0)
-    strict: bool = _key(False, "Turn any skipped row into an error.", group="data")
-    preprocessing_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; tokenisation runs in-process.", group="data", compat=True)
+    strict: bool = _key(False, "Turn any skipped row into an error.", group="data", lf=None)
+    preprocessing_num_workers: int | None = _key(None, "No effect yet: tokenisation runs in one process.", group="data", lf="no effect")
 
     # --- reference cache ---
-    ref_cache_dir: str | None = _key(None, "Reference log-prob cache directory; default <output_dir>/ref_cache. (LLaMA-Factory's cache_dir is the hub cache, so this key has its own name.)", group="cache")
-    eval_ref_cache_dir: str | None = _key(None, "Reference log-prob cache of eval_dataset; default <ref_cache_dir>_eval (a sibling folder, so each cache stays one Parquet table).", group="cache")
-    overwrite_cache: bool = _key(False, "precompute: replace an existing cache whose fingerprint differs.", group="cache")
-    precompute_ref_batch_size: int = _key(8, "Rows per batch in precompute (each row is a chosen and a rejected sequence).", group="cache", min=1)
-    cache_part_rows: int = _key(512, "Rows per Parquet part; a crash loses at most one part of work.", group="cache", min=1)
-    num_shards: int = _key(1, "precompute: split the rows into this many shards (auto under torchrun/accelerate).", group="cache", min=1)
-    shard_index: int = _key(0, "precompute: which shard this process computes.", group="cache", min=0)
-    logprob_chunk_size: int | None = _key(None, "Completion positions per chunk of logits; default keeps one chunk near 128 MB of float32.", group="cache", min=1)
+    ref_cache_dir: str | None = _key(None, "Reference log-prob cache directory; default <output_dir>/ref_cache. (LLaMA-Factory's cache_dir is the hub cache, so this key has its own name.)", group="cache", lf=None)
+    eval_ref_cache_dir: str | None = _key(None, "Reference log-prob cache of eval_dataset; default <ref_cache_dir>_eval (a sibling folder, so each cache stays one Parquet table).", group="cache", lf=None)
+    overwrite_cache: bool = _key(False, "precompute: replace an existing cache whose fingerprint differs (LF: re-tokenise instead of reusing its cache).", group="cache")
+    precompute_ref_batch_size: int = _key(8, "Rows per batch in precompute (each row is a chosen and a rejected sequence).", group="cache", min=1, lf=None)
+    cache_part_rows: int = _key(512, "Rows per Parquet part; a crash loses at most one part of work.", group="cache", min=1, lf=None)
+    num_shards: int = _key(1, "precompute: split the rows into this many shards (auto under torchrun/accelerate).", group="cache", min=1, lf=None)
+    shard_index: int = _key(0, "precompute: which shard this process computes.", group="cache", min=0, lf=None)
+    logprob_chunk_size: int | None = _key(None, "Completion positions per chunk of logits; default keeps one chunk near 128 MB of float32.", group="cache", min=1, lf=None)
 
     # --- training ---
     output_dir: str = _key("output", "Where the adapter, checkpoints and dpo_metrics/ go.", group="train")
-    overwrite_output_dir: bool = _key(False, "Accepted for LLaMA-Factory compatibility.", group="train", compat=True)
+    overwrite_output_dir: bool = _key(False, "No effect (deprecated in LLaMA-Factory too): output_dir is written into as it is.", group="train", lf="no effect")
     per_device_train_batch_size: int = _key(1, "Preference pairs per device per step.", group="train", min=1)
     per_device_eval_batch_size: int = _key(1, "Preference pairs per device per eval step.", group="train", min=1)
     gradient_accumulation_steps: int = _key(1, "Micro-batches per optimizer step.", group="train", min=1)
@@ -124,7 +134,7 @@ class Config:
     bf16: bool = _key(False, "bfloat16 compute on GPU (CPU always computes in float32).", group="train")
     fp16: bool = _key(False, "float16 compute on GPU.", group="train")
     seed: int = _key(42, "Seed for LoRA init, shuffling and dropout.", group="train")
-    group_by_length: bool = _key(True, "Batch pairs of similar length together (order still random, seeded).", group="train")
+    group_by_length: bool = _key(True, "Batch pairs of similar length together (order still random, seeded).", group="train", lf=None)
     logging_steps: int = _key(10, "Log metrics every this many optimizer steps.", group="train", min=1)
     save_steps: int = _key(500, "Save a checkpoint every this many steps.", group="train", min=1)
     save_strategy: str = _key("steps", "When to save checkpoints.", group="train", choices=("no", "steps", "epoch"))
@@ -139,12 +149,13 @@ class Config:
     dataloader_num_workers: int = _key(0, "Data-loading worker processes.", group="train", min=0)
     ddp_timeout: int = _key(1800, "Seconds a distributed process waits for the others.", group="train", min=1)
     deepspeed: str | None = _key(None, "DeepSpeed config file, as in transformers.", group="train")
-    skip_nonfinite_steps: bool = _key(False, "Skip (and count) an optimizer step whose loss or gradients are NaN/inf, instead of stopping with the step and its rows.", group="train")
+    skip_nonfinite_steps: bool = _key(False, "Skip (and count) an optimizer step whose loss or gradients are NaN/inf, instead of stopping with the step and its rows.", group="train", lf=None)
     plot_loss: bool = _key(True, "Write dpo_metrics/training_curves.png.", group="train")
 
-    # --- export ---
-    adapter_name_or_path: str | None = _key(None, "Adapter to export or evaluate; default output_dir.", group="export")
-    export_dir: str | None = _key(None, "Where `dpo-lean export` writes the merged model; default <output_dir>/merged.", group="export")
+    # --- evaluate and export ---
+    trained_adapter: str | None = _key(None, "The trained adapter `evaluate` scores and `export` merges (e.g. a checkpoint-* folder); default output_dir. It sits on the starting point: base + the adapters adapter_name_or_path merged into it.", group="evaluate/export", lf=None)
+    export_dir: str | None = _key(None, "Where `dpo-lean export` writes the merged model; default <output_dir>/merged.", group="evaluate/export")
+    export_size: int = _key(5, "Largest weight file (shard) of the exported model, in GB.", group="evaluate/export", min=1)
 
     # ------------------------------------------------------------------
     @property
@@ -326,8 +337,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Validate a mapping of keys to values into a Config (unknown keys, types, ranges, cross-key rules)."""
+    from . import lf_keys
+
     values = {}
     for name, value in raw.items():
+        if isinstance(name, str) and name not in FIELDS and lf_keys.check(name, value):
+            continue  # an LLaMA-Factory key that means nothing here, or asks for what dpo-lean does anyway
         if not isinstance(name, str) or name not in FIELDS:  # YAML keys may be numbers, dates, null
             raise unknown_key_error(str(name))
         value = _coerce(name, value)
@@ -347,6 +362,16 @@ def _check_cross_rules(c: Config) -> None:
         raise DpoLeanError("config keys 'val_size' and 'eval_dataset' are both set; evaluate on one of them "
                            "(val_size holds rows out of dataset, eval_dataset names other rows)")
     check_loss_keys(c)
+    for name in ("ref_model_adapters", "ref_model_quantization_bit"):
+        if getattr(c, name) is not None and not c.ref_model:
+            raise DpoLeanError(f"config key '{name}' needs ref_model (the model it applies to; it may be "
+                               "model_name_or_path itself)")
+    if c.ref_model_quantization_bit and c.ref_precision != "base":
+        raise DpoLeanError(f"config keys 'ref_model_quantization_bit' and 'ref_precision' ({c.ref_precision}) "
+                           "disagree; a 4-bit ref_model computes in the base's dtype: set one of them")
+    if c.create_new_adapter and not c.adapter_name_or_path:
+        raise DpoLeanError("config key 'create_new_adapter': true needs adapter_name_or_path (the adapters to "
+                           "merge into the base before the new LoRA)")
     if c.template not in template_names():
         close = difflib.get_close_matches(c.template, template_names(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -401,32 +426,3 @@ def require(config: Config, *names: str) -> None:
     for name in names:
         if getattr(config, name) in (None, ""):
             raise DpoLeanError(f"config key '{name}' is required: {FIELDS[name].metadata['help']}")
-
-
-def _type_name(name: str) -> str:
-    return " or ".join({bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}[t]
-                      for t in _allowed_types(name))
-
-
-def _markdown_cell(text: str) -> str:
-    """Text safe in a Markdown table cell: no HTML tags (<output_dir> would vanish), no cell breaks."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-
-
-def key_table(markdown: bool = False) -> str:
-    """Every key with its type, default and meaning, grouped; generated from Config so it cannot drift."""
-    lines = []
-    group = None
-    for f in dataclasses.fields(Config):
-        meta = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if meta["group"] != group:
-            group = meta["group"]
-            lines += ([""] if lines else []) + ([f"### {group}", "", "| key | type | default | meaning |",
-                                                  "| --- | --- | --- | --- |"] if markdown else [f"[{group}]"])
-        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
-        if markdown:
-            lines.append(f"| `{f.name}` | {_type_name(f.name)} | `{shown}` | {_markdown_cell(meta['help'])} |")
-        else:
-            lines.append(f"  {f.name:<32} {_type_name(f.name):<16} {shown:<12} {meta['help']}")
-    return "\n".join(lines)

@@ -1,7 +1,8 @@
 """``dpo-lean evaluate``: score an adapter on cached preference rows with training's own code.
 
     rows, ref = train.split_eval(...)                 # val_size rows held out by seed, or eval_dataset + its cache
-    policy    = base (4-bit or plain) + the adapter   # loaded as training builds it: head deferred, 4-bit pinned
+    policy    = base (4-bit or plain) + the trained adapter (trained_adapter, default output_dir), on the
+                starting point's merged adapters      # loaded as training builds it: head deferred, 4-bit pinned
     per batch of per_device_eval_batch_size rows, in order:
         losses, stats = pair_metrics(config, batch_scores(policy, batch), batch)
     metrics   = mean over all rows of every per-row value
@@ -14,13 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import click
 import torch
 
-from . import modeling, train
+from . import adapters, modeling, train
 from .config import Config
 from .errors import DpoLeanError
 from .files import atomic_write_text
@@ -33,31 +33,20 @@ SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rew
 
 
 def adapter_path(config: Config) -> str:
-    """adapter_name_or_path, or the adapter training saved in output_dir."""
-    adapter = config.adapter_name_or_path or config.output_dir
-    local = Path(adapter)
-    if (local.is_dir() or not config.adapter_name_or_path) and not (local / "adapter_config.json").is_file():
-        key = "adapter_name_or_path" if config.adapter_name_or_path else "output_dir"
+    """The trained adapter: trained_adapter, or the one training saved in output_dir (never adapter_name_or_path,
+    which names where training started)."""
+    adapter = config.trained_adapter or config.output_dir
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        key = "trained_adapter" if config.trained_adapter else "output_dir"
         raise DpoLeanError(f"config key '{key}': {adapter} holds no adapter (adapter_config.json); "
-                           "train first with `dpo-lean train CONFIG.yaml` or set adapter_name_or_path")
+                           "train first with `dpo-lean train CONFIG.yaml` or set trained_adapter")
     return adapter
 
 
 def load_policy(config: Config, adapter: str):
-    """The base exactly as training loads it, with the saved LoRA adapter on top, ready for batch_logps."""
-    from peft import PeftModel
-
-    from .export import check_adapter_weights
-
-    check_adapter_weights(config, Path(adapter))
-    base = modeling.load_base_model(config)
-    try:
-        with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = PeftModel.from_pretrained(base, adapter)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DpoLeanError(f"config key 'adapter_name_or_path': cannot load the adapter {adapter!r} on "
-                           f"{config.model_name_or_path!r} ({str(e).strip().splitlines()[0]})") from None
+    """The base exactly as training loads it, the starting point's merged adapters, and the trained adapter on top,
+    ready for batch_logps."""
+    model = adapters.apply(modeling.load_base_model(config), adapters.trained_stack(config, adapter), config)
     modeling.defer_output_head(model)
     modeling.keep_4bit_on_training_kernel(model)
     return model

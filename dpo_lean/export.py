@@ -1,5 +1,12 @@
 """``dpo-lean export``: merge the trained adapter into an unquantised copy of the base and save it.
 
+What is merged, in order:
+- in a training config (``dataset`` set, or ``trained_adapter`` set): the adapters adapter_name_or_path merged into
+  the base before training (all but the continued one; all with create_new_adapter), then the trained adapter
+  (``trained_adapter``, default the one in output_dir). That is the policy training produced.
+- in a config without ``dataset`` (LLaMA-Factory's export configs: model_name_or_path, adapter_name_or_path,
+  export_dir): every adapter of adapter_name_or_path, in order, as LF's export merges them.
+
 The merge goes into the base at its original precision (not the 4-bit weights the adapter was trained
 on), as every QLoRA merge does; the merged model differs from 4-bit base + adapter by the 4-bit
 quantisation error, and equals plain base + adapter within float rounding.
@@ -14,20 +21,12 @@ from pathlib import Path
 
 import click
 
-from . import modeling
+from . import adapters, modeling
+from .adapters import Stack
 from .config import Config, require
 from .errors import DpoLeanError
 
 _TRUST_HINT = "set use_safetensors_only: false only if you trust its pickle weights"
-
-
-def check_adapter_weights(config: Config, adapter: Path) -> None:
-    """Refuse an adapter whose weights are only in pickle form (adapter_model.bin) unless the config allows it."""
-    if not config.use_safetensors_only or (adapter / "adapter_model.safetensors").is_file():
-        return
-    if (adapter / "adapter_model.bin").is_file():
-        raise DpoLeanError(f"{adapter}: the adapter's weights are adapter_model.bin (pickle) and use_safetensors_only is "
-                           f"on; re-save the adapter as safetensors, or {_TRUST_HINT}")
 
 
 def load_plain_base(config: Config, dtype):
@@ -46,23 +45,29 @@ def load_plain_base(config: Config, dtype):
         raise DpoLeanError(f"config key 'model_name_or_path': cannot load {config.model_name_or_path!r}: {msg}{hint}") from None
 
 
-def run_export(config: Config) -> Path:
-    from peft import PeftModel
+def merge_stacks(config: Config) -> list[Stack]:
+    """The adapters export merges, in order, as stacks named by their config key (see the module docstring)."""
+    if config.dataset or config.trained_adapter or not config.adapter_name_or_path:
+        trained = config.trained_adapter or config.output_dir
+        if not (Path(trained) / "adapter_config.json").is_file():
+            key = "trained_adapter" if config.trained_adapter else "output_dir"
+            raise DpoLeanError(f"config key '{key}': no adapter in {trained} (adapter_config.json missing); train "
+                               "first or set trained_adapter")
+        start = adapters.start_stack(config)
+        return [Stack(start.merged), Stack((trained,), key="trained_adapter")]
+    return [Stack(tuple(adapters.split(config.adapter_name_or_path)))]
 
+
+def run_export(config: Config) -> Path:
     require(config, "model_name_or_path")
-    adapter = Path(config.adapter_name_or_path or config.output_dir)
-    if not (adapter / "adapter_config.json").is_file():
-        raise DpoLeanError(f"no adapter in {adapter} (adapter_config.json missing); train first or set "
-                           "adapter_name_or_path")
-    check_adapter_weights(config, adapter)
+    stacks = merge_stacks(config)
     export_dir = Path(config.export_dir or Path(config.output_dir) / "merged")
-    base = load_plain_base(config, modeling.compute_dtype(config, modeling.device()))
-    try:
-        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DpoLeanError(f"config key 'adapter_name_or_path': cannot load the adapter {str(adapter)!r} on "
-                           f"{config.model_name_or_path!r} ({modeling._first_line(e)})") from None
-    merged.save_pretrained(export_dir)
+    merged = load_plain_base(config, modeling.compute_dtype(config, modeling.device()))
+    for stack in stacks:
+        merged = adapters.apply(merged, stack, config)
+    merged.save_pretrained(export_dir, max_shard_size=f"{config.export_size}GB")
     modeling.load_tokenizer(config).save_pretrained(export_dir)
-    click.echo(f"merged model saved to {export_dir} (loads with AutoModelForCausalLM.from_pretrained)")
+    names = " + ".join(p for stack in stacks for p in stack.paths)
+    click.echo(f"merged model ({config.model_name_or_path} + {names}) saved to {export_dir} (loads with "
+               "AutoModelForCausalLM.from_pretrained)")
     return export_dir

@@ -1,7 +1,8 @@
-"""Loading the base model (4-bit NF4 or plain dtype), the LoRA policy, and the tokenizer.
+"""Loading the base model (4-bit NF4 or plain dtype), the LoRA policy, the reference, and the tokenizer.
 
-The reference (precompute) and the policy's base (train) come from :func:`load_base_model`, so by
-default they are numerically the same model and the step-0 loss is ln 2.
+The reference (precompute) and the policy (train) are built alike: :func:`load_base_model`, then the starting
+adapters (adapters.py), so by default they are numerically the same model and the step-0 loss is ln 2. With
+ref_model or ref_precision the reference is another model, which only precompute loads.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import adapters, cache
 from .config import Config
 from .data.collate import Sharing, collate_pairs, collate_shared
 from .errors import DpoLeanError
@@ -60,17 +62,28 @@ def quantization_config(config: Config, dtype: torch.dtype):
                               bnb_4bit_use_double_quant=config.double_quantization, bnb_4bit_compute_dtype=dtype)
 
 
-def load_base_model(config: Config, reference: bool = False):
-    """The base model as the config describes it, frozen, dropout off, output head deferred for chunked log-probs.
+def base_weights(config: Config, reference: bool = False) -> tuple[str, str, bool, str]:
+    """(name or path, the key naming it, 4-bit or not, precision) of the policy's base, or of the reference's:
+    ref_model if set (4-bit only with ref_model_quantization_bit, as in LF), else the policy's base in ref_precision."""
+    if not reference:
+        return config.model_name_or_path, "model_name_or_path", config.quantization_bit == 4, "base"
+    if config.ref_model:
+        return config.ref_model, "ref_model", config.ref_model_quantization_bit == 4, config.ref_precision
+    return (config.model_name_or_path, "model_name_or_path", config.quantization_bit == 4 and
+            config.ref_precision == "base", config.ref_precision)
 
-    ``reference=True`` applies ``ref_precision``: "base" loads exactly what the policy's base is.
+
+def load_base_model(config: Config, reference: bool = False):
+    """The base model as the config describes it, frozen, dropout off, 4-bit layers pinned to the training kernel.
+
+    ``reference=True``: the reference's base instead (:func:`base_weights`); with ref_precision "base" and no
+    ref_model that is exactly the policy's base.
     """
     from transformers import AutoModelForCausalLM
 
     dev = device()
-    precision = config.ref_precision if reference else "base"
+    name, key, quantized, precision = base_weights(config, reference)
     dtype = compute_dtype(config, dev, precision)
-    quantized = config.quantization_bit == 4 and precision == "base"
     kwargs = dict(revision=config.model_revision, cache_dir=config.cache_dir, dtype=dtype,
                   trust_remote_code=config.trust_remote_code,
                   attn_implementation=ATTN_IMPLEMENTATIONS[config.flash_attn])
@@ -81,13 +94,12 @@ def load_base_model(config: Config, reference: bool = False):
     if dev.type == "cuda":
         kwargs["device_map"] = {"": dev.index}
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         msg = _first_line(e)
         hint = (" (set use_safetensors_only: false only if you trust its pickle weights)"
                 if "safetensors" in msg.lower() else "")
-        raise DpoLeanError(f"config key 'model_name_or_path': cannot load {config.model_name_or_path!r}: "
-                           f"{msg}{hint}") from None
+        raise DpoLeanError(f"config key '{key}': cannot load {name!r}: {msg}{hint}") from None
     model.requires_grad_(False)
     disable_dropout(model)
     keep_4bit_on_training_kernel(model)
@@ -156,23 +168,41 @@ def defer_output_head(model) -> None:
 
 
 def prepare_reference(config: Config):
-    model = load_base_model(config, reference=True)
+    """The reference, frozen, in eval mode, head deferred: the reference's base with its adapters."""
+    model = adapters.apply(load_base_model(config, reference=True), adapters.reference_stack(config), config)
     defer_output_head(model)
+    keep_4bit_on_training_kernel(model)
     model.eval()
     return model
 
 
 def prepare_policy(config: Config):
-    """4-bit (or plain) base + LoRA adapters, gradient checkpointing, head deferred; no reference anywhere."""
-    from peft import LoraConfig, get_peft_model
-
+    """The policy: the base (4-bit or plain) with the starting adapters merged, then the continued adapter or a new
+    LoRA; gradient checkpointing, head deferred. No reference anywhere."""
     if "lm_head" in config.lora_target_modules:
         raise DpoLeanError("config key 'lora_target': lm_head cannot take LoRA in dpo-lean (its log-probs are "
                            "computed in chunks from the frozen head); remove it")
+    stack = adapters.start_stack(config)
     base = load_base_model(config)
     if not config.disable_gradient_checkpointing:
         enable_checkpointing(base)
     base.config.use_cache = False
+    all_linear = adapters.linear_names(base)
+    model = adapters.apply(base, stack, config, trainable=True)
+    if stack.top:
+        notice = adapters.continuation_notice(config, stack.top, model.peft_config["default"], all_linear)
+        if notice:
+            adapters.say(notice)
+    else:
+        model = _new_lora(config, model)
+    defer_output_head(model)
+    keep_4bit_on_training_kernel(model)
+    return model
+
+
+def _new_lora(config: Config, base):
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.lora_target_modules, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(config.seed)  # LoRA A init
@@ -182,8 +212,6 @@ def prepare_policy(config: Config):
             model = get_peft_model(base, lora)
     except ValueError as e:
         raise DpoLeanError(f"config key 'lora_target': {config.lora_target!r} ({_first_line(e)})") from None
-    defer_output_head(model)
-    keep_4bit_on_training_kernel(model)
     return model
 
 
@@ -269,12 +297,50 @@ def autocast(dtype: torch.dtype, dev: torch.device):
     return torch.autocast(dev.type, dtype=dtype)
 
 
-def reference_spec(config: Config) -> dict:
-    """How the reference is loaded, for the cache fingerprint: precision, quantisation, compute dtype."""
-    dev = device()
-    precision = config.ref_precision
-    quantized = config.quantization_bit == 4 and precision == "base"
-    return {"precision": precision,
-            "quantization": (f"{config.quantization_type}{'-dq' if config.double_quantization else ''}"
+def _loading(config: Config, reference: bool) -> dict:
+    _, _, quantized, precision = base_weights(config, reference)
+    return {"quantization": (f"{config.quantization_type}{'-dq' if config.double_quantization else ''}"
                              if quantized else None),
-            "dtype": str(compute_dtype(config, dev, precision)).removeprefix("torch.")}
+            "dtype": str(compute_dtype(config, device(), precision)).removeprefix("torch.")}
+
+
+def reference_spec(config: Config) -> dict:
+    """How the reference is loaded, for the cache fingerprint: precision, quantisation, compute dtype; ref_model's
+    fingerprint if set; its adapters' (the starting point's by default), when there are any."""
+    spec = {"precision": config.ref_precision, **_loading(config, reference=True)}
+    if config.ref_model:
+        spec["model"] = cache.model_fingerprint(config.ref_model, config.model_revision, config.cache_dir, "ref_model")
+    return {**spec, **adapters.stack_fingerprint(adapters.reference_stack(config), config)}
+
+
+def describe_reference(config: Config) -> str:
+    """One line saying what the reference is, for precompute's output."""
+    name, key, quantized, precision = base_weights(config, reference=True)
+    stack = adapters.reference_stack(config)
+    on = f" + {' + '.join(stack.paths)}" if stack.paths else ""
+    how = f"{_loading(config, True)['dtype']}{', NF4' if quantized else ''}"
+    start = " (the policy's starting point)" if reference_is_start(config) else ""
+    return f"reference: {key} {name}{on}, {how}{start}"
+
+
+def reference_is_start(config: Config) -> bool:
+    """Is the reference the policy's starting point (same model, adapters, quantisation and dtype)?"""
+    return not config.ref_model and _loading(config, True) == _loading(config, False)
+
+
+def check_reference_tokenizer(config: Config, tokenizer) -> None:
+    """ref_model must read token ids as the policy's tokenizer writes them: the same vocabulary, id for id."""
+    from transformers import AutoTokenizer
+
+    try:
+        ref = AutoTokenizer.from_pretrained(config.ref_model, revision=config.model_revision,
+                                            cache_dir=config.cache_dir, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DpoLeanError(f"config key 'ref_model': cannot load a tokenizer from {config.ref_model!r} "
+                           f"({_first_line(e)})") from None
+    mine, theirs = tokenizer.get_vocab(), ref.get_vocab()
+    if mine != theirs:
+        differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda kv: kv[1])
+        raise DpoLeanError(f"config key 'ref_model': {config.ref_model!r} has another tokenizer ({len(theirs)} tokens "
+                           f"vs {len(mine)} in model_name_or_path's, first difference at id {differ[0][1]}); the "
+                           "reference must share model_name_or_path's vocabulary")

@@ -111,6 +111,8 @@ def compute_part(model, batches, pad_id, chunk_size, dev, dtype, sharing, progre
 def run_precompute(config: Config) -> dict:
     require(config, "model_name_or_path", "dataset")
     tokenizer = modeling.load_tokenizer(config)
+    if config.ref_model:
+        modeling.check_reference_tokenizer(config, tokenizer)
     data = prepare_data(config, tokenizer)
     click.echo(f"data: {skip_summary(data)}")
     if data.skips:
@@ -135,6 +137,7 @@ def run_precompute(config: Config) -> dict:
     chunk = config.logprob_chunk_size
     n_rows = sum(len(b) for _, batches in todo for b in batches)
     layout = describe_layout(sharing)
+    click.echo(modeling.describe_reference(config))
     click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}, {layout} -> {cache_dir}")
     t0 = time.perf_counter()
     try:

@@ -238,6 +238,16 @@ def save_figure(fig, path: str | os.PathLike) -> None:
 
 # --- callback --------------------------------------------------------------------------------
 
+def step0_report(logratios) -> tuple[dict[str, float], str]:
+    """How far policy and reference start apart: the means of [pairs, 2] (policy - reference log-probs of chosen,
+    rejected) over the first step's pairs, and the line train prints."""
+    chosen, rejected = logratios.double().mean(0).tolist()
+    message = (f"step 0: mean log-ratio policy - reference over the first step's {len(logratios)} pairs: chosen "
+               f"{chosen:+.4f}, rejected {rejected:+.4f} nats (the reference is not the starting point, so the "
+               "step-0 loss is not ln 2)")
+    return {"chosen": chosen, "rejected": rejected, "pairs": len(logratios)}, message
+
+
 def _with_logs(history: list[dict], logs: dict | None, state) -> list[dict]:
     """``state.log_history``, plus ``logs`` when the caller did not already append it (Trainer.log does)."""
     if not logs:

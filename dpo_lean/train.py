@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 import torch
 
-from . import cache, faults, modeling
+from . import adapters, cache, faults, modeling
 from .config import Config, require
 from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
@@ -145,6 +145,9 @@ def _trainer_class():
             self.window_rows: list[int] = []  # row indices of the micro-batches of the step being accumulated
             self.window_finite = True
             self.nonfinite_steps_skipped = 0
+            # (policy - reference) per pair in the first step, when the reference is not the starting point
+            self.step0: list[torch.Tensor] | None = None if modeling.reference_is_start(dpo) else []
+            self.step0_logratios: dict[str, float] | None = None
 
         @property
         def reward_baseline(self):
@@ -177,6 +180,10 @@ def _trainer_class():
             if model.training:
                 self.window_rows += inputs["row_index"].tolist()
                 self.window_finite &= bool(torch.isfinite(losses).all())
+                if self.step0 is not None and self.state.global_step == 0:  # policy - reference, (chosen, rejected)
+                    gap = scores["logps"].detach().reshape(2, -1).t() - torch.stack([inputs["ref_chosen_logps"],
+                                                                        inputs["ref_rejected_logps"]], dim=1)
+                    self.step0.append(self.accelerator.gather_for_metrics(gap).cpu())
             else:
                 stats["loss"] = losses.detach()  # eval_loss: a mean over rows like the rest (see log)
             self._record(model.training, stats, inputs["num_tokens"])
@@ -206,6 +213,12 @@ def _trainer_class():
                 if values:
                     logs[prefix + key] = torch.cat(values).mean().item()
             self._metrics[mode].clear()
+            if mode == "train" and self.step0:
+                from .reporting import step0_report
+
+                self.step0_logratios, message = step0_report(torch.cat(self.step0))
+                self.step0 = None
+                _say(message)
             if mode == "train":
                 now = time.perf_counter()
                 logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
@@ -370,6 +383,8 @@ def run_train(config: Config) -> dict:
          + f"; {_reference_note(config, eval_set)}")
     args = training_arguments(config, bool(eval_set.rows))
     resume = resume_target(config)
+    _say(adapters.describe_start(config) + ("" if modeling.reference_is_start(config) else
+                                            f"; {modeling.describe_reference(config)} (from the cache)"))
     model = modeling.prepare_policy(config)
     dtype = modeling.compute_dtype(config, modeling.device())
     sharing = modeling.prefix_sharing(config, model, dtype)
@@ -400,6 +415,8 @@ def run_train(config: Config) -> dict:
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved to {last}; resume with "
                           "`dpo-lean train CONFIG.yaml resume_from_checkpoint=true`")
     summary_extra["nonfinite_steps_skipped"] = trainer.nonfinite_steps_skipped
+    if trainer.step0_logratios:
+        summary_extra["step0_logratios"] = trainer.step0_logratios
     summary_extra["train_tokens_per_second"] = round(trainer.train_tokens / max(seconds, 1e-9), 1)
     summary_extra["peak_memory_gb"] = round(peak_memory_gb(args.device), 3)
     if trainer.reward_baseline is not None:

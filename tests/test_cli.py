@@ -144,8 +144,10 @@ def test_user_errors_in_process(tmp_path):
 def test_keys_prints_every_key():
     result = invoke("keys")
     assert result.exit_code == 0
-    printed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    own, lf_only = result.stdout.split("[LLaMA-Factory keys refused]")
+    printed = [line.split()[0] for line in own.splitlines() if line.startswith("  ")]
     assert printed == [f.name for f in dataclasses.fields(Config)]
+    assert "use_unsloth (false)" in lf_only and "[LLaMA-Factory keys of no effect]" in lf_only
 
 
 # ---------------------------------------------------------------- data-check

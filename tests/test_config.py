@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from dpo_lean.config import Config, from_dict, key_table, load_config, parse_override
+from dpo_lean.config import Config, from_dict, load_config, parse_override
 from dpo_lean.data.templates import TEMPLATES
 from dpo_lean.errors import DpoLeanError
+from dpo_lean.keys import key_table
 
 LF_DPO_YAML = """\
 model_name_or_path: Qwen/Qwen2.5-7B
@@ -307,7 +308,8 @@ FIELD_NAMES = [f.name for f in dataclasses.fields(Config)]
 
 
 def test_key_table_lists_every_field_once():
-    rows = [line.split()[0] for line in key_table().splitlines() if line.startswith("  ")]
+    own = key_table().split("[LLaMA-Factory keys refused]")[0]  # then LF's keys that dpo-lean has no key for
+    rows = [line.split()[0] for line in own.splitlines() if line.startswith("  ")]
     assert rows == FIELD_NAMES
 
 
@@ -318,22 +320,23 @@ def _cells(row: str) -> list[str]:
 
 
 def test_key_table_markdown_has_a_well_formed_row_per_field():
-    lines = key_table(markdown=True).splitlines()
-    headers = [i for i, line in enumerate(lines) if line == "| key | type | default | meaning |"]
+    lines = key_table(markdown=True).split("### LLaMA-Factory keys")[0].splitlines()
+    headers = [i for i, line in enumerate(lines) if line == "| key | type | default | LF | meaning |"]
     assert headers, "no Markdown table header"
     for i in headers:
-        assert lines[i + 1] == "| --- | --- | --- | --- |"
+        assert lines[i + 1] == "| --- | --- | --- | --- | --- |"
     rows = [line for line in lines if line.startswith("| `")]
     assert [_cells(r)[0].strip("`") for r in rows] == FIELD_NAMES
     for row in rows:
         cells = _cells(row)
         # a row with more cells than the header renders as a broken table (e.g. "str | null" unescaped)
-        assert len(cells) == 4, f"{len(cells)} cells, expected 4: {row}"
+        assert len(cells) == 5, f"{len(cells)} cells, expected 5: {row}"
     by_name = {_cells(r)[0].strip("`"): _cells(r) for r in rows}
     assert by_name["lora_rank"][2] == "`8`"
     assert by_name["bf16"][2] == "`false`"
     assert "null" in by_name["max_samples"][1] and "int" in by_name["max_samples"][1]
-    assert by_name["pref_beta"][3] == Config.__dataclass_fields__["pref_beta"].metadata["help"]
+    assert by_name["pref_beta"][4] == Config.__dataclass_fields__["pref_beta"].metadata["help"]
+    assert (by_name["pref_beta"][3], by_name["do_train"][3], by_name["ref_cache_dir"][3]) == ("honoured", "no effect", "-")
 
 
 # ---------------------------------------------------------------- derived values

@@ -58,11 +58,11 @@ def test_evaluate_gives_the_held_out_scores_training_logged_last(trained):
     assert on_disk["eval_loss"] == results["eval_loss"] and on_disk["adapter"] == config.output_dir
 
 
-def test_adapter_name_or_path_scores_a_checkpoint_like_its_logged_eval(trained):
+def test_trained_adapter_scores_a_checkpoint_like_its_logged_eval(trained):
     config, evals = trained
     at_step_4 = next(e for e in evals if e["step"] == 4)
     checkpoint = f"{config.output_dir}/checkpoint-4"
-    results = run_evaluate(from_dict({**config.to_dict(), "adapter_name_or_path": checkpoint}))
+    results = run_evaluate(from_dict({**config.to_dict(), "trained_adapter": checkpoint}))
     assert_same_eval(results, at_step_4)
     assert results["adapter"] == checkpoint
 
@@ -107,6 +107,7 @@ def test_eval_dataset_gets_its_own_cache_from_precompute_and_train_evaluates_on_
 
 @pytest.mark.parametrize("overrides, fragments", [
     (dict(output_dir="{tmp}/nothing", val_size=16), ("config key 'output_dir'", "holds no adapter", "dpo-lean train")),
+    (dict(trained_adapter="{tmp}", val_size=16), ("config key 'trained_adapter'", "holds no adapter")),
     (dict(adapter_name_or_path="{tmp}", val_size=16), ("config key 'adapter_name_or_path'", "holds no adapter")),
     (dict(val_size=0), ("val_size", "eval_dataset", "evaluate needs rows")),
 ])
@@ -136,4 +137,4 @@ def test_evaluate_reproduces_the_logged_evals_of_every_kind_of_loss(keys, tmp_pa
     if config.pref_bco_weight:  # a checkpoint's reward baseline is the one its step's eval used
         at_4 = next(e for e in evals if e["step"] == 4)
         assert_same_eval(run_evaluate(from_dict(fixture_raw(
-            tmp_path, **SHORT, **keys, adapter_name_or_path=str(tmp_path / "out" / "checkpoint-4")))), at_4)
+            tmp_path, **SHORT, **keys, trained_adapter=str(tmp_path / "out" / "checkpoint-4")))), at_4)

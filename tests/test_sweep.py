@@ -37,6 +37,8 @@ def test_semicolons_separate_alternatives_for_any_key():
 
 @pytest.mark.parametrize("overrides, fragments", [
     (["cutoff_len=64,128"], ("'cutoff_len'", "changes the reference cache")),
+    (["adapter_name_or_path=saves/a;saves/b"], ("'adapter_name_or_path'", "changes the reference cache")),
+    (["ref_model=m1,m2"], ("'ref_model'", "changes the reference cache")),
     (["output_dir=a,b"], ("'output_dir'", "set by the sweep")),
     (["pref_beta=0.1"], ("no key has several values", "pref_beta=0.05,0.1")),
     (["pref_beta=0.1,"], ("pref_beta=0.1,", "empty value")),

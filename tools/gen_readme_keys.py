@@ -17,8 +17,8 @@ START, END = "<!-- keys:start -->", "<!-- keys:end -->"
 
 
 def render(readme: str) -> str:
-    """``readme`` with the text between the markers replaced by dpo_lean.config.key_table(markdown=True)."""
-    from dpo_lean.config import key_table
+    """``readme`` with the text between the markers replaced by dpo_lean.keys.key_table(markdown=True)."""
+    from dpo_lean.keys import key_table
 
     if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(START) > readme.index(END):
         raise SystemExit(f"{README}: needs one {START} line followed by one {END} line")
