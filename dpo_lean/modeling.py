@@ -152,6 +152,12 @@ def defer_output_head(model) -> None:
     if not isinstance(head, nn.Linear):
         raise DpoLeanError(f"model {model.config.model_type!r}: its output head is a {type(head).__name__}, "
                            "not a linear layer; dpo-lean cannot compute its log-probs in chunks")
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                                     torch.float64):
+        raise DpoLeanError(f"model {model.config.model_type!r}: its output head is quantised ({type(head).__name__}, "
+                           f"{getattr(weight, 'dtype', None)} weights); dpo-lean computes log-probs from a float head: "
+                           "keep lm_head out of quantisation (as bitsandbytes does by default)")
     model.set_output_embeddings(DeferredHead(head))
 
 

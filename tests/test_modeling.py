@@ -43,3 +43,19 @@ def test_plain_dtype_without_quantization(tiny_config):
     import bitsandbytes as bnb
     model = modeling.prepare_reference(tiny_config(copy_cache=False, quantization_bit=None))
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_a_quantised_output_head_is_refused_with_one_line():
+    """A 4-bit head (uint8 storage) cannot be multiplied in chunks by logprobs: a one-line error, not wrong numbers."""
+    import bitsandbytes as bnb
+    import pytest
+
+    from dpo_lean.errors import DpoLeanError
+    from dpo_lean.tiny import build_model
+
+    model = build_model(vocab_size=100, hidden_size=64, num_layers=1)
+    model.set_output_embeddings(bnb.nn.Linear4bit(64, 100, bias=False, quant_type="nf4").to("cpu"))
+    with pytest.raises(DpoLeanError) as err:
+        modeling.defer_output_head(model)
+    assert "output head is quantised" in str(err.value) and "\n" not in str(err.value)
+    assert not isinstance(model.get_output_embeddings(), modeling.DeferredHead)
