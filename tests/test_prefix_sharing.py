@@ -145,3 +145,12 @@ def test_training_with_and_without_prefix_sharing_agrees(tiny_config, tmp_path):
     for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
         assert abs(finals[0][key] - finals[1][key]) < 1e-4, key
     assert finals[0]["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("layout", ["pairs", "shared"])
+def test_collate_refuses_a_pair_without_prompt_tokens(layout):
+    """The last prompt position predicts the first completion token: with no prompt it would be position -1,
+    the previous row's last hidden state. Collate refuses instead of scoring the wrong state."""
+    fn = collate_pairs if layout == "pairs" else collate_shared
+    with pytest.raises(ValueError, match="no prompt tokens"):
+        fn([[10, 11], []], [[20], [21, 22]], [[30], [31]], pad_id=0)

@@ -16,6 +16,14 @@ from dataclasses import dataclass
 import torch
 
 
+def _check_prompts(prompts: list[list[int]]) -> None:
+    """Every pair needs a prompt token: its last one predicts the first completion token (position -1 would read
+    the previous row's last hidden state). Tokenisation skips such rows ("empty_prompt"); this makes it certain."""
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"pairs {empty} of the batch have no prompt tokens; tokenisation should have skipped them")
+
+
 def _scores(spans: list[tuple[int, list[int], list[int]]], width: int, num_pairs: int, num_tokens: int) -> dict:
     """spans: (row, predictor positions, target ids) per completion, chosen ones first, then rejected ones.
 
@@ -40,6 +48,7 @@ def collate_pairs(prompts: list[list[int]], chosens: list[list[int]], rejecteds:
     Row i is prompt_i + chosen_i, row B + i is prompt_i + rejected_i; completion_mask is 1 on
     completion tokens only.
     """
+    _check_prompts(prompts)
     seqs = [p + c for p, c in zip(prompts, chosens)] + [p + r for p, r in zip(prompts, rejecteds)]
     completions = list(chosens) + list(rejecteds)
     prompt_lens = [len(p) for p in prompts] * 2
@@ -81,6 +90,7 @@ def collate_shared(prompts: list[list[int]], chosens: list[list[int]], rejecteds
     Rejected positions restart where the prompt ends; the last prompt position predicts the first
     token of both completions.
     """
+    _check_prompts(prompts)
     seqs = [p + c + r for p, c, r in zip(prompts, chosens, rejecteds)]
     width = max(len(s) for s in seqs)
     b = len(seqs)
