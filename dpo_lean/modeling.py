@@ -22,10 +22,20 @@ ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disable
 
 
 def device() -> torch.device:
-    """This process's device: its local GPU under torchrun/accelerate, else GPU 0, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    """This process's device: its local GPU under torchrun/accelerate, else GPU 0, else the CPU.
+
+    A GPU is also made the current CUDA device, so what is allocated on "cuda" without an index (by
+    bitsandbytes, NCCL, a library's scratch buffers) lands on this process's GPU, not on GPU 0.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local_rank >= count:
+        raise DpoLeanError(f"LOCAL_RANK={local_rank}, but this process sees {count} GPU(s) (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); launch at most {count} processes a machine")
+    dev = torch.device("cuda", local_rank)
+    torch.cuda.set_device(dev)
+    return dev
 
 
 def compute_dtype(config: Config, dev: torch.device, precision: str = "base") -> torch.dtype:
