@@ -145,13 +145,13 @@ def _trainer_class():
             self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
             self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
             self.train_tokens = 0  # non-padding tokens trained on in this process's run (all ranks summed)
-            self.window_rows: list[int] = []  # row indices of the micro-batches of the step being accumulated
-            self.window_finite = True
-            self.nonfinite_steps_skipped = 0
+            self.guard = faults.NonFiniteGuard(skip=dpo.skip_nonfinite_steps)
+            self.guard.accelerator = self.accelerator
+            self.add_callback(self.guard)
 
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
-            faults.guard_optimizer(optimizer, self, skip=self.dpo.skip_nonfinite_steps)
+            self.guard.wrap(optimizer, lambda: self.state.global_step + 1)
             return optimizer
 
         def _get_train_sampler(self, train_dataset=None):
@@ -164,8 +164,7 @@ def _trainer_class():
             logps = batch_logps(model, inputs, self.dpo.logprob_chunk_size)
             losses, stats = pair_metrics(self.dpo, logps, inputs)
             if model.training:
-                self.window_rows += inputs["row_index"].tolist()
-                self.window_finite &= bool(torch.isfinite(losses).all())
+                self.guard.observe(inputs["row_index"], losses)
             else:
                 stats["loss"] = losses.detach()  # eval_loss: a mean over rows like the rest (see log)
             self._record(model.training, stats, inputs["num_tokens"])
@@ -200,7 +199,9 @@ def _trainer_class():
                 logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
                 logs["peak_memory_gb"] = round(peak_memory_gb(self.args.device), 3)
                 if self.dpo.skip_nonfinite_steps:
-                    logs["nonfinite_steps_skipped"] = self.nonfinite_steps_skipped
+                    logs["nonfinite_steps_skipped"] = self.guard.skipped
+                if self.args.fp16:
+                    logs["grad_scaler_steps_skipped"] = self.guard.scaler_skipped
                 self._tokens_since_log, self._last_log_time = 0, now
             super().log(logs, start_time)
 
@@ -223,6 +224,7 @@ def training_arguments(config: Config, has_eval: bool):
         raise DpoLeanError(f"config key 'eval_strategy': {eval_strategy} needs held-out rows; set val_size or eval_dataset")
     report_to = [t.strip() for t in config.report_to.split(",") if t.strip() and t.strip() != "none"] or "none"
     _check_trackers(report_to)
+    _check_deepspeed(config.deepspeed)
     return TrainingArguments(
         output_dir=config.output_dir, seed=config.seed, use_cpu=not cuda,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -254,6 +256,23 @@ def _check_trackers(report_to) -> None:
         if tracker in available and not available[tracker]():
             raise DpoLeanError(f"config key 'report_to': {tracker} is not installed; `pip install {tracker}` "
                                "or set report_to: none")
+
+
+def _check_deepspeed(deepspeed: str | None) -> None:
+    """Refuse a DeepSpeed config that brings its own optimizer: DeepSpeed builds it instead of the Trainer, so
+    dpo-lean's non-finite-step guard (faults.NonFiniteGuard) would never see its steps."""
+    if not deepspeed:
+        return
+    import json
+
+    try:
+        text = deepspeed if deepspeed.lstrip().startswith("{") else Path(deepspeed).read_text(encoding="utf-8")
+        ds = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise DpoLeanError(f"config key 'deepspeed': cannot read {deepspeed!r} as a JSON DeepSpeed config ({e})") from None
+    if isinstance(ds, dict) and "optimizer" in ds:
+        raise DpoLeanError(f"config key 'deepspeed': {deepspeed} defines an \"optimizer\", which bypasses dpo-lean's "
+                           "non-finite-step guard; remove that block (optim, learning_rate and the adam_* keys set the optimizer)")
 
 
 def resume_target(config: Config) -> str | None:
@@ -374,7 +393,8 @@ def run_train(config: Config) -> dict:
         last = faults.latest_complete(Path(config.output_dir))
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved to {last}; resume with "
                           "`dpo-lean train CONFIG.yaml resume_from_checkpoint=true`")
-    summary_extra["nonfinite_steps_skipped"] = trainer.nonfinite_steps_skipped
+    summary_extra["nonfinite_steps_skipped"] = trainer.guard.skipped
+    summary_extra["grad_scaler_steps_skipped"] = trainer.guard.scaler_skipped
     summary_extra["train_tokens_per_second"] = round(trainer.train_tokens / max(seconds, 1e-9), 1)
     summary_extra["peak_memory_gb"] = round(peak_memory_gb(args.device), 3)
     final_eval = trainer.evaluate() if eval_set.rows else {}
