@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data.collate import Sharing, collate_pairs, collate_shared
 from .errors import DpoLeanError
 
 ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager",
@@ -212,58 +211,13 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def prefix_sharing_works(model, dtype: torch.dtype) -> bool:
-    """Does this model score [prompt | chosen | rejected] under a 4-D mask as it scores two sequences?
-
-    Checked numerically on a small pair, so a model that ignores position_ids or 4-D masks, or an
-    attention kernel that cannot take them, is caught rather than trusted.
-    """
-    from .logprobs import batch_logps
-
-    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return False
-    dev = next(model.parameters()).device
-    # A long chosen completion moves the rejected positions far from where two sequences put them.
-    pair = ([[1, 5, 9, 13, 17]], [[2 + (7 * i) % 61 for i in range(32)]], [[3, 7, 11, 15]])
-    try:
-        with inference(model):
-            two = batch_logps(model, batch_to(collate_pairs(*pair, pad_id=0), dev))
-            one = batch_logps(model, batch_to(collate_shared(*pair, pad_id=0,
-                                                        mask_dtype=shared_mask_dtype(model, dtype)), dev))
-    except Exception:  # any model that rejects the inputs falls back to two sequences
-        return False
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    return bool(torch.isfinite(one).all() and (one - two).abs().max() < tolerance)
-
-
-def shared_mask_dtype(model, dtype: torch.dtype) -> torch.dtype:
-    """Boolean masks for SDPA (its fast kernels take them; an additive float mask is slower on CPU), additive
-    masks in the compute dtype for eager attention."""
-    return torch.bool if getattr(model.config, "_attn_implementation", None) == "sdpa" else dtype
-
-
 def batch_to(batch: dict, dev: torch.device) -> dict:
-    """The batch's tensors on ``dev`` (counts and other plain values as they are)."""
-    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on ``dev``, those in a dict too (a per-layer-type mask); counts and other plain values as
+    they are."""
+    def move(v):
+        return v.to(dev) if isinstance(v, torch.Tensor) else batch_to(v, dev) if isinstance(v, dict) else v
 
-
-def prefix_sharing(config: Config, model, dtype: torch.dtype) -> Sharing | None:
-    """prefix_sharing: false -> None; true -> every batch (an error where the model cannot take the mask);
-    auto -> the batches where it saves work, on a model that takes the mask (else None and one warning)."""
-    if config.prefix_sharing is False:
-        return None
-    works = prefix_sharing_works(model, dtype)
-    if not works and config.prefix_sharing is True:
-        raise DpoLeanError(f"config key 'prefix_sharing': true, but {model.config.model_type!r} with attention "
-                           f"{model.config._attn_implementation!r} cannot take a 4-D attention mask; set it to auto")
-    if not works:
-        warnings.warn(f"prefix sharing: {model.config.model_type!r} cannot take a 4-D attention mask; chosen and "
-                      "rejected run as two sequences", stacklevel=2)
-        return None
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    hidden = cfg.hidden_size
-    return Sharing(shared_mask_dtype(model, dtype), hidden, getattr(cfg, "intermediate_size", None) or 4 * hidden,
-                   always=config.prefix_sharing is True)
+    return {k: move(v) for k, v in batch.items()}
 
 
 @contextmanager

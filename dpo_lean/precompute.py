@@ -26,6 +26,7 @@ from .data.tokenize import TokenizedRow
 from .errors import DpoLeanError, Interrupted
 from .logprobs import batch_logps
 from .measure import peak_memory_gb
+from .sharing import prefix_sharing
 
 
 def plan_parts(rows: list[TokenizedRow], batch_size: int, part_rows: int) -> list[list[list[TokenizedRow]]]:
@@ -158,7 +159,7 @@ def run_precompute(config: Config) -> dict:
     dev = modeling.device()
     dtype = modeling.compute_dtype(config, dev, config.ref_precision)
     model = modeling.prepare_reference(config)
-    sharing = modeling.prefix_sharing(config, model, dtype)
+    sharing = prefix_sharing(config, model, dtype)
     score = BatchScorer(model, tokenizer.pad_token_id, config.logprob_chunk_size, dev, dtype, sharing)
     n_rows = sum(len(b) for _, batches in todo for b in batches)
     layout = describe_layout(sharing)

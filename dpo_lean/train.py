@@ -30,6 +30,7 @@ from .logprobs import batch_logps
 from .losses import preference_loss, reward_stats
 from .measure import peak_memory_gb
 from .sampling import LengthGroupedSampler
+from .sharing import prefix_sharing
 
 # ---------------------------------------------------------------- the cache join
 
@@ -367,7 +368,7 @@ def run_train(config: Config) -> dict:
     resume = resume_target(config)
     model = modeling.prepare_policy(config)
     dtype = modeling.compute_dtype(config, modeling.device())
-    sharing = modeling.prefix_sharing(config, model, dtype)
+    sharing = prefix_sharing(config, model, dtype)
     _say(f"layout: {describe_layout(sharing)}")
     summary_extra = {"config": config.to_dict(), "cache_fingerprint": fingerprint,
                      "rows": {"train": len(train_rows), "eval": len(eval_set.rows), "skipped": len(data.skips)}}
