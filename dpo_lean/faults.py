@@ -187,6 +187,21 @@ class NonFiniteGuard(TrainerCallback):
         self._rows, self._losses_finite, self._checked = [], None, False
 
 
+def check_deepspeed(deepspeed: str | None) -> None:
+    """Refuse a DeepSpeed config that brings its own optimizer: DeepSpeed builds it instead of the Trainer, so
+    dpo-lean's non-finite-step guard (faults.NonFiniteGuard) would never see its steps."""
+    if not deepspeed:
+        return
+    try:
+        text = deepspeed if deepspeed.lstrip().startswith("{") else Path(deepspeed).read_text(encoding="utf-8")
+        ds = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise DpoLeanError(f"config key 'deepspeed': cannot read {deepspeed!r} as a JSON DeepSpeed config ({e})") from None
+    if isinstance(ds, dict) and "optimizer" in ds:
+        raise DpoLeanError(f"config key 'deepspeed': {deepspeed} defines an \"optimizer\", which bypasses dpo-lean's "
+                           "non-finite-step guard; remove that block (optim, learning_rate and the adam_* keys set the optimizer)")
+
+
 def nonfinite_message(error: NonFiniteStep, output_dir: Path) -> str:
     last = latest_complete(output_dir)
     where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"

@@ -225,7 +225,7 @@ def training_arguments(config: Config, has_eval: bool):
         raise DpoLeanError(f"config key 'eval_strategy': {eval_strategy} needs held-out rows; set val_size or eval_dataset")
     report_to = [t.strip() for t in config.report_to.split(",") if t.strip() and t.strip() != "none"] or "none"
     _check_trackers(report_to)
-    _check_deepspeed(config.deepspeed)
+    faults.check_deepspeed(config.deepspeed)
     return TrainingArguments(
         output_dir=config.output_dir, seed=config.seed, use_cpu=not cuda,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -257,23 +257,6 @@ def _check_trackers(report_to) -> None:
         if tracker in available and not available[tracker]():
             raise DpoLeanError(f"config key 'report_to': {tracker} is not installed; `pip install {tracker}` "
                                "or set report_to: none")
-
-
-def _check_deepspeed(deepspeed: str | None) -> None:
-    """Refuse a DeepSpeed config that brings its own optimizer: DeepSpeed builds it instead of the Trainer, so
-    dpo-lean's non-finite-step guard (faults.NonFiniteGuard) would never see its steps."""
-    if not deepspeed:
-        return
-    import json
-
-    try:
-        text = deepspeed if deepspeed.lstrip().startswith("{") else Path(deepspeed).read_text(encoding="utf-8")
-        ds = json.loads(text)
-    except (OSError, ValueError) as e:
-        raise DpoLeanError(f"config key 'deepspeed': cannot read {deepspeed!r} as a JSON DeepSpeed config ({e})") from None
-    if isinstance(ds, dict) and "optimizer" in ds:
-        raise DpoLeanError(f"config key 'deepspeed': {deepspeed} defines an \"optimizer\", which bypasses dpo-lean's "
-                           "non-finite-step guard; remove that block (optim, learning_rate and the adam_* keys set the optimizer)")
 
 
 def resume_target(config: Config) -> str | None:
