@@ -229,3 +229,37 @@ def test_cuda_out_of_memory_retry_starts_with_the_failed_attempts_memory_release
     scorer(rows)
     assert scorer.max_rows == 2 and len(at_forward) == 6  # 8 pairs fail, 4 fail, then 4 x 2
     assert max(at_forward) < 2**27, at_forward  # no 256 MB ballast of a failed attempt left when a retry starts
+
+
+@pytest.mark.cuda
+def test_cuda_real_out_of_memory_halves_the_batch_and_gives_the_same_values(tiny_config):
+    """On a GPU: under a memory cap of 3/4 of what 256 pairs take (measured here, then set with
+    torch.cuda.set_per_process_memory_fraction), a real CUDA out-of-memory error halves the batch; the values
+    equal an uncapped run's, and the next batch starts at the size that worked."""
+    import dpo_lean.precompute as pre
+
+    config = tiny_config()
+    rows = prepare_data(config, modeling.load_tokenizer(config)).rows[:64] * 4  # 256 pairs: well above the granularity
+    model = modeling.prepare_reference(config)
+    dev = modeling.device()
+    dtype = modeling.compute_dtype(config, dev)
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    whole = pre.BatchScorer(model, 0, None, dev, dtype)(rows)
+    need = torch.cuda.max_memory_allocated(dev) - base  # what 256 pairs take on top of the model
+    torch.cuda.empty_cache()
+    cap = base + int(0.75 * need) + 2**20
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(dev).total_memory, dev)
+    try:
+        scorer = pre.BatchScorer(model, 0, None, dev, dtype)
+        capped = scorer(rows)
+        halved_to = scorer.max_rows
+        again = scorer(rows)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    assert halved_to is not None and halved_to <= 128, (need, cap)
+    assert scorer.max_rows == halved_to  # the next batch started at the size that worked
+    torch.testing.assert_close(capped, whole, rtol=0, atol=1e-3)
+    torch.testing.assert_close(again, capped, rtol=0, atol=1e-5)
