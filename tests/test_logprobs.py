@@ -189,3 +189,20 @@ def test_hidden_states_are_kept_for_backward_only_when_the_head_trains():
     saved = lambda out: [t for t in out.grad_fn.saved_tensors if t is not None]  # noqa: E731
     assert not any(t.shape == hidden.shape and t.dtype == hidden.dtype and torch.equal(t, hidden) for t in saved(frozen))
     assert any(t.shape == hidden.shape and torch.equal(t, hidden) for t in saved(trained))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision_logps_match_a_float64_reference(dtype):
+    """On a GPU (torch.mm with a float32 output: no rounding of the logits to the head's dtype) as on CPU."""
+    h, w, b, targets, upstream = _bf16_head()
+    h, w, b, targets = (x.cuda() for x in (h.to(dtype), w.to(dtype), b.to(dtype), targets))
+    hidden = h.clone().requires_grad_()
+    ours = token_logps(hidden, w, targets, b, 7)
+    (ours.double() * upstream.cuda()).sum().backward()
+    h64 = h.double().requires_grad_()
+    ref = float64_token_logps(h64, w, targets, b)
+    (ref * upstream.cuda()).sum().backward()
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=0, atol=2e-4)
+    scale = h64.grad.abs().max().item()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=2e-2, atol=2e-2 * scale)
