@@ -26,6 +26,7 @@ from .errors import DpoLeanError
 from .files import atomic_write_text
 from .logprobs import batch_scores
 from .objective import pair_metrics
+from .sharing import prefix_sharing
 
 RESULTS_NAME = "eval_results.json"
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
@@ -59,8 +60,7 @@ def score(config: Config, model, eval_set: train.EvalSet, pad_id: int,
     dataset = train.to_dataset(eval_set.rows, eval_set.ref)
     dev = modeling.device()
     dtype = modeling.compute_dtype(config, dev)
-    collate = train.PairCollator(pad_id, modeling.prefix_sharing(config, model, dtype),
-                                 tails=config.ld_alpha is not None)
+    collate = train.PairCollator(pad_id, prefix_sharing(config, model, dtype), tails=config.ld_alpha is not None)
     per_row: dict[str, list[torch.Tensor]] = {}
     size = config.per_device_eval_batch_size
     for start in range(0, len(dataset), size):

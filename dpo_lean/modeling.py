@@ -16,7 +16,6 @@ from torch import nn
 
 from . import adapters, cache
 from .config import Config
-from .data.collate import Sharing, collate_pairs, collate_shared
 from .errors import DpoLeanError
 
 ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager",
@@ -24,10 +23,20 @@ ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disable
 
 
 def device() -> torch.device:
-    """This process's device: its local GPU under torchrun/accelerate, else GPU 0, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    """This process's device: its local GPU under torchrun/accelerate, else GPU 0, else the CPU.
+
+    A GPU is also made the current CUDA device, so what is allocated on "cuda" without an index (by
+    bitsandbytes, NCCL, a library's scratch buffers) lands on this process's GPU, not on GPU 0.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local_rank >= count:
+        raise DpoLeanError(f"LOCAL_RANK={local_rank}, but this process sees {count} GPU(s) (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); launch at most {count} processes a machine")
+    dev = torch.device("cuda", local_rank)
+    torch.cuda.set_device(dev)
+    return dev
 
 
 def compute_dtype(config: Config, dev: torch.device, precision: str = "base") -> torch.dtype:
@@ -164,6 +173,12 @@ def defer_output_head(model) -> None:
     if not isinstance(head, nn.Linear):
         raise DpoLeanError(f"model {model.config.model_type!r}: its output head is a {type(head).__name__}, "
                            "not a linear layer; dpo-lean cannot compute its log-probs in chunks")
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                                     torch.float64):
+        raise DpoLeanError(f"model {model.config.model_type!r}: its output head is quantised ({type(head).__name__}, "
+                           f"{getattr(weight, 'dtype', None)} weights); dpo-lean computes log-probs from a float head: "
+                           "keep lm_head out of quantisation (as bitsandbytes does by default)")
     model.set_output_embeddings(DeferredHead(head))
 
 
@@ -224,58 +239,13 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def prefix_sharing_works(model, dtype: torch.dtype) -> bool:
-    """Does this model score [prompt | chosen | rejected] under a 4-D mask as it scores two sequences?
-
-    Checked numerically on a small pair, so a model that ignores position_ids or 4-D masks, or an
-    attention kernel that cannot take them, is caught rather than trusted.
-    """
-    from .logprobs import batch_logps
-
-    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return False
-    dev = next(model.parameters()).device
-    # A long chosen completion moves the rejected positions far from where two sequences put them.
-    pair = ([[1, 5, 9, 13, 17]], [[2 + (7 * i) % 61 for i in range(32)]], [[3, 7, 11, 15]])
-    try:
-        with inference(model):
-            two = batch_logps(model, batch_to(collate_pairs(*pair, pad_id=0), dev))
-            one = batch_logps(model, batch_to(collate_shared(*pair, pad_id=0,
-                                                        mask_dtype=shared_mask_dtype(model, dtype)), dev))
-    except Exception:  # any model that rejects the inputs falls back to two sequences
-        return False
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    return bool(torch.isfinite(one).all() and (one - two).abs().max() < tolerance)
-
-
-def shared_mask_dtype(model, dtype: torch.dtype) -> torch.dtype:
-    """Boolean masks for SDPA (its fast kernels take them; an additive float mask is slower on CPU), additive
-    masks in the compute dtype for eager attention."""
-    return torch.bool if getattr(model.config, "_attn_implementation", None) == "sdpa" else dtype
-
-
 def batch_to(batch: dict, dev: torch.device) -> dict:
-    """The batch's tensors on ``dev`` (counts and other plain values as they are)."""
-    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on ``dev``, those in a dict too (a per-layer-type mask); counts and other plain values as
+    they are."""
+    def move(v):
+        return v.to(dev) if isinstance(v, torch.Tensor) else batch_to(v, dev) if isinstance(v, dict) else v
 
-
-def prefix_sharing(config: Config, model, dtype: torch.dtype) -> Sharing | None:
-    """prefix_sharing: false -> None; true -> every batch (an error where the model cannot take the mask);
-    auto -> the batches where it saves work, on a model that takes the mask (else None and one warning)."""
-    if config.prefix_sharing is False:
-        return None
-    works = prefix_sharing_works(model, dtype)
-    if not works and config.prefix_sharing is True:
-        raise DpoLeanError(f"config key 'prefix_sharing': true, but {model.config.model_type!r} with attention "
-                           f"{model.config._attn_implementation!r} cannot take a 4-D attention mask; set it to auto")
-    if not works:
-        warnings.warn(f"prefix sharing: {model.config.model_type!r} cannot take a 4-D attention mask; chosen and "
-                      "rejected run as two sequences", stacklevel=2)
-        return None
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    hidden = cfg.hidden_size
-    return Sharing(shared_mask_dtype(model, dtype), hidden, getattr(cfg, "intermediate_size", None) or 4 * hidden,
-                   always=config.prefix_sharing is True)
+    return {k: move(v) for k, v in batch.items()}
 
 
 @contextmanager

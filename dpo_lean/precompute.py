@@ -3,12 +3,13 @@
     rows = prepare_data(config)                       # the one tokenisation path
     plan = rows sorted by length -> batches -> parts  # deterministic, so a rerun redoes exactly what is missing
     for each part of this shard not yet in the cache:
-        for each batch: ref logps = batch_logps(reference, batch)   # the one log-prob function
+        for each batch: ref logps = batch_logps(reference, batch)   # the one log-prob function (halved on OOM)
         write the part (temp name, then rename)
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from .config import Config, require
 from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.tokenize import TokenizedRow
-from .errors import Interrupted
+from .errors import DpoLeanError, Interrupted
 from .logprobs import batch_logps
 from .measure import peak_memory_gb
+from .sharing import prefix_sharing
 
 
 def plan_parts(rows: list[TokenizedRow], batch_size: int, part_rows: int) -> list[list[list[TokenizedRow]]]:
@@ -54,28 +56,56 @@ def pending_parts(plan, done: set[int], num_shards: int, shard_index: int):
             yield i, batches
 
 
-def score_batch(model, rows: list[TokenizedRow], pad_id: int, chunk_size, dev, dtype,
-                sharing: Sharing | None = None) -> torch.Tensor:
-    """[2B, 2] for ``rows``: rows chosen..., rejected...; columns the summed log-prob and its tail (past the
-    pair's shorter completion, for LD-DPO). On CUDA out-of-memory, halves the batch and retries.
+@dataclass
+class BatchScorer:
+    """Scores batches of rows with the reference: [chosen logps..., rejected logps...] per batch.
 
-    ``sharing``: prefix sharing (one [prompt | chosen | rejected] sequence per pair where it pays);
-    None for two sequences per pair.
+    On CUDA out-of-memory the batch is scored in pieces of half the size, retried only after the failed
+    forward's memory is released (outside the ``except`` block: the live exception's traceback pins that
+    forward's activations), and ``max_rows``, the size that worked, stays for every later batch.
+    ``sharing``: prefix sharing (one [prompt | chosen | rejected] sequence per pair where it pays); None for
+    two sequences per pair.
     """
-    ids = [r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows]
-    batch = modeling.batch_to(collate(*ids, pad_id, sharing, tails=True), dev)
-    try:
-        with modeling.inference(model), modeling.autocast(dtype, dev):
-            return batch_logps(model, batch, chunk_size).cpu()
-    except torch.cuda.OutOfMemoryError:
-        if len(rows) == 1:
-            raise
+
+    model: object
+    pad_id: int
+    chunk_size: int | None
+    dev: torch.device
+    dtype: torch.dtype
+    sharing: Sharing | None = None
+    max_rows: int | None = None
+
+    def __call__(self, rows: list[TokenizedRow]) -> torch.Tensor:
+        pieces, start = [], 0
+        while start < len(rows):
+            size = min(len(rows) - start, self.max_rows or len(rows))
+            logps = self._score(rows[start:start + size])
+            if logps is None:  # out of memory, and its memory is free again: halve and retry
+                self.max_rows = size // 2
+                click.echo(f"precompute: out of memory at {size} pairs a batch; continuing at {self.max_rows}", err=True)
+                continue
+            pieces.append((logps, size))
+            start += size
+        return torch.cat([lp[:n] for lp, n in pieces] + [lp[n:] for lp, n in pieces])
+
+    def _score(self, rows: list[TokenizedRow]) -> torch.Tensor | None:
+        """The rows' log-probs, or None when they ran out of memory (with the memory of the attempt freed)."""
+        ids = [r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows]
+        batch = modeling.batch_to(collate(*ids, self.pad_id, self.sharing, tails=True), self.dev)
+        try:
+            with modeling.inference(self.model), modeling.autocast(self.dtype, self.dev):
+                return batch_logps(self.model, batch, self.chunk_size).cpu()
+        except torch.cuda.OutOfMemoryError:
+            if len(rows) == 1:
+                r = rows[0]
+                raise DpoLeanError(f"out of memory on row {r.row_index} alone ({len(r.prompt_ids)} prompt + "
+                                   f"{len(r.chosen_ids)}/{len(r.rejected_ids)} completion tokens); lower cutoff_len "
+                                   "or logprob_chunk_size, or use a smaller reference (quantization_bit: 4)") from None
         del batch
-        torch.cuda.empty_cache()
-        half = len(rows) // 2
-        a = score_batch(model, rows[:half], pad_id, chunk_size, dev, dtype, sharing)
-        b = score_batch(model, rows[half:], pad_id, chunk_size, dev, dtype, sharing)
-        return torch.cat([a[:half], b[:len(rows) - half], a[half:], b[len(rows) - half:]])
+        gc.collect()  # frames of the failed forward caught in reference cycles
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
 
 
 @dataclass
@@ -84,11 +114,11 @@ class _PartResult:
     tokens: int
 
 
-def compute_part(model, batches, pad_id, chunk_size, dev, dtype, sharing, progress) -> _PartResult:
+def compute_part(score: BatchScorer, batches, progress) -> _PartResult:
     cols = {name: [] for name in cache.SCHEMA.names}
     tokens = 0
     for rows in batches:
-        logps = score_batch(model, rows, pad_id, chunk_size, dev, dtype, sharing)
+        logps = score(rows)
         n = len(rows)
         for i, r in enumerate(rows):
             cols["row_index"].append(r.row_index)
@@ -133,8 +163,8 @@ def run_precompute(config: Config) -> dict:
     dev = modeling.device()
     dtype = modeling.compute_dtype(config, dev, config.ref_precision)
     model = modeling.prepare_reference(config)
-    sharing = modeling.prefix_sharing(config, model, dtype)
-    chunk = config.logprob_chunk_size
+    sharing = prefix_sharing(config, model, dtype)
+    score = BatchScorer(model, tokenizer.pad_token_id, config.logprob_chunk_size, dev, dtype, sharing)
     n_rows = sum(len(b) for _, batches in todo for b in batches)
     layout = describe_layout(sharing)
     click.echo(modeling.describe_reference(config))
@@ -144,7 +174,7 @@ def run_precompute(config: Config) -> dict:
         with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:
             progress.tokens, progress.t0 = 0, t0
             for plan_index, batches in todo:
-                part = compute_part(model, batches, tokenizer.pad_token_id, chunk, dev, dtype, sharing, progress)
+                part = compute_part(score, batches, progress)
                 name = cache.part_name(plan_index, part.columns["row_index"])
                 cache.write_part(cache_dir, name, part.columns, fingerprint)
     except KeyboardInterrupt:

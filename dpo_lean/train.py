@@ -31,6 +31,7 @@ from .logprobs import batch_scores
 from .measure import peak_memory_gb
 from .objective import RewardBaseline, pair_metrics
 from .sampling import LengthGroupedSampler
+from .sharing import prefix_sharing
 
 # ---------------------------------------------------------------- the cache join
 
@@ -142,9 +143,9 @@ def _trainer_class():
             self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
             self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
             self.train_tokens = 0  # non-padding tokens trained on in this process's run (all ranks summed)
-            self.window_rows: list[int] = []  # row indices of the micro-batches of the step being accumulated
-            self.window_finite = True
-            self.nonfinite_steps_skipped = 0
+            self.guard = faults.NonFiniteGuard(skip=dpo.skip_nonfinite_steps)
+            self.guard.accelerator = self.accelerator
+            self.add_callback(self.guard)
             # (policy - reference) per pair in the first step, when the reference is not the starting point
             self.step0: list[torch.Tensor] | None = None if modeling.reference_is_start(dpo) else []
             self.step0_logratios: dict[str, float] | None = None
@@ -165,7 +166,7 @@ def _trainer_class():
 
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
-            faults.guard_optimizer(optimizer, self, skip=self.dpo.skip_nonfinite_steps)
+            self.guard.wrap(optimizer, lambda: self.state.global_step + 1)
             return optimizer
 
         def _get_train_sampler(self, train_dataset=None):
@@ -178,8 +179,7 @@ def _trainer_class():
             scores = batch_scores(model, inputs, self.dpo.logprob_chunk_size, wpo=self.dpo.pref_use_weighting)
             losses, stats = pair_metrics(self.dpo, scores, inputs, bco_baseline=self._bco_baseline(model.training))
             if model.training:
-                self.window_rows += inputs["row_index"].tolist()
-                self.window_finite &= bool(torch.isfinite(losses).all())
+                self.guard.observe(inputs["row_index"], losses)
                 if self.step0 is not None and self.state.global_step == 0:  # policy - reference, (chosen, rejected)
                     gap = scores["logps"].detach().reshape(2, -1).t() - torch.stack([inputs["ref_chosen_logps"],
                                                                         inputs["ref_rejected_logps"]], dim=1)
@@ -224,7 +224,9 @@ def _trainer_class():
                 logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
                 logs["peak_memory_gb"] = round(peak_memory_gb(self.args.device), 3)
                 if self.dpo.skip_nonfinite_steps:
-                    logs["nonfinite_steps_skipped"] = self.nonfinite_steps_skipped
+                    logs["nonfinite_steps_skipped"] = self.guard.skipped
+                if self.args.fp16:
+                    logs["grad_scaler_steps_skipped"] = self.guard.scaler_skipped
                 self._tokens_since_log, self._last_log_time = 0, now
             super().log(logs, start_time)
 
@@ -247,6 +249,7 @@ def training_arguments(config: Config, has_eval: bool):
         raise DpoLeanError(f"config key 'eval_strategy': {eval_strategy} needs held-out rows; set val_size or eval_dataset")
     report_to = [t.strip() for t in config.report_to.split(",") if t.strip() and t.strip() != "none"] or "none"
     _check_trackers(report_to)
+    faults.check_deepspeed(config.deepspeed)
     return TrainingArguments(
         output_dir=config.output_dir, seed=config.seed, use_cpu=not cuda,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -387,7 +390,7 @@ def run_train(config: Config) -> dict:
                                             f"; {modeling.describe_reference(config)} (from the cache)"))
     model = modeling.prepare_policy(config)
     dtype = modeling.compute_dtype(config, modeling.device())
-    sharing = modeling.prefix_sharing(config, model, dtype)
+    sharing = prefix_sharing(config, model, dtype)
     _say(f"layout: {describe_layout(sharing)}")
     summary_extra = {"config": config.to_dict(), "cache_fingerprint": fingerprint,
                      "rows": {"train": len(train_rows), "eval": len(eval_set.rows), "skipped": len(data.skips)}}
@@ -414,7 +417,8 @@ def run_train(config: Config) -> dict:
         last = faults.latest_complete(Path(config.output_dir))
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved to {last}; resume with "
                           "`dpo-lean train CONFIG.yaml resume_from_checkpoint=true`")
-    summary_extra["nonfinite_steps_skipped"] = trainer.nonfinite_steps_skipped
+    summary_extra["nonfinite_steps_skipped"] = trainer.guard.skipped
+    summary_extra["grad_scaler_steps_skipped"] = trainer.guard.scaler_skipped
     if trainer.step0_logratios:
         summary_extra["step0_logratios"] = trainer.step0_logratios
     summary_extra["train_tokens_per_second"] = round(trainer.train_tokens / max(seconds, 1e-9), 1)

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -151,3 +152,53 @@ def test_two_node_precompute_equals_one_process(one_process_cache, tmp_path):
         _, stderr = node.communicate(timeout=300)
         assert node.returncode == 0, stderr[-4000:]
     pd.testing.assert_frame_equal(read_cache(cache), one_process_cache)
+
+
+NAN_ON_RANK_1 = textwrap.dedent("""
+    import os, sys, torch, transformers
+    from dpo_lean import train
+    rank, real, calls, where = int(os.environ["RANK"]), train.pair_metrics, [], sys.argv[2]
+
+    def poisoned(config, logps, batch):  # a NaN loss on rank 1 at step 3 whose gradients stay finite
+        losses, stats = real(config, logps, batch)
+        if logps.requires_grad:
+            calls.append(1)
+            if rank == 1 and len(calls) == 3:
+                losses = losses + float("nan")
+        return losses, stats
+
+    train.pair_metrics, real_train = poisoned, transformers.Trainer.train
+
+    def train_and_save_lora(self, *args, **kwargs):
+        out = real_train(self, *args, **kwargs)
+        lora = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        torch.save(lora, os.path.join(where, f"lora-rank{rank}.pt"))
+        return out
+
+    transformers.Trainer.train = train_and_save_lora
+    from dpo_lean.cli import main
+    sys.argv = ["dpo-lean", "train", sys.argv[1]]
+    main()
+""")
+
+
+def test_a_non_finite_step_on_one_rank_is_skipped_by_all_ranks_together(tmp_path):
+    """Rank 1 alone sees a NaN loss: both ranks skip that step (the decision is all-reduced), so their LoRA
+    weights stay identical; a rank-local decision would let rank 0 step alone and the replicas drift apart."""
+    import torch
+
+    out = tmp_path / "out"
+    raw = fixture_raw(tmp_path, per_device_train_batch_size=2, max_steps=4, logging_steps=1, save_strategy="no",
+                      val_size=0, learning_rate=5e-3, lora_rank=8, skip_nonfinite_steps=True, output_dir=str(out))
+    config = write_config(tmp_path / "cfg.yaml", raw)
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script), str(config),
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stderr.count("step 3: non-finite loss or gradients; step skipped") == 2  # each rank says so
+    summary = json.loads((out / "dpo_metrics" / "summary.json").read_text())
+    assert summary["nonfinite_steps_skipped"] == 1 and summary["global_step"] == 4
+    ranks = [torch.load(tmp_path / f"lora-rank{r}.pt") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 0
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])

@@ -143,3 +143,109 @@ def test_tail_and_wpo_scores_equal_naive_full_logits(tiny_config, layout):
     torch.testing.assert_close(scores["wpo_logps"].double(), ((logp - lss) * mask).sum(1) / lengths, rtol=0, atol=1e-4)
     assert stacked.shape == (4, 2)
     torch.testing.assert_close(stacked, torch.stack([scores["logps"], scores["tail_logps"]], 1), rtol=0, atol=1e-5)
+# ---------------------------------------------------------------- bf16: float32 log-sum-exp, no per-chunk copies
+
+
+def _bf16_head(n=40, hidden=32, vocab=500, seed=0):
+    """bf16 hidden states and head whose logits are large (std ~11), so rounding them to bf16 shows (ulp 0.125-0.25)."""
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, hidden, generator=g) * 2).bfloat16()
+    w = torch.randn(vocab, hidden, generator=g).bfloat16()
+    b = torch.randn(vocab, generator=g).bfloat16()
+    return h, w, b, torch.randint(0, vocab, (n,), generator=g), torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def float64_token_logps(hidden, weight, targets, bias):
+    """The reference: the same bf16 numbers, every operation in float64."""
+    logits = hidden.double() @ weight.double().t() + bias.double()
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 64])
+def test_bf16_logps_and_gradients_match_a_float64_reference(chunk_size):
+    h, w, b, targets, upstream = _bf16_head()
+    hidden = h.clone().requires_grad_()
+    ours = token_logps(hidden, w, targets, b, chunk_size)
+    (ours.double() * upstream).sum().backward()
+
+    h64 = h.double().requires_grad_()
+    ref = float64_token_logps(h64, w, targets, b)
+    (ref * upstream).sum().backward()
+    # float32 from the matmul on: errors ~1e-5; logits rounded to bf16 first would be off by ~0.1
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=0, atol=2e-4)
+    # the hidden-state gradient is bf16 (the hidden states' dtype): a few bf16 ulps of its scale
+    scale = h64.grad.abs().max().item()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_bf16_trainable_head_gradients_match_a_float64_reference():
+    h, w, b, targets, upstream = _bf16_head(n=24)
+    hidden, weight, bias = (x.clone().requires_grad_() for x in (h, w, b))
+    (token_logps(hidden, weight, targets, bias, 5).double() * upstream).sum().backward()
+    h64, w64, b64 = (x.double().requires_grad_() for x in (h, w, b))
+    (float64_token_logps(h64, w64, targets, b64) * upstream).sum().backward()
+    for ours, ref in ((hidden, h64), (weight, w64), (bias, b64)):
+        scale = ref.grad.abs().max().item()
+        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=2e-2, atol=2e-2 * scale)
+
+
+def _large_allocations(fn, at_least: int) -> int:
+    """How many tensors of >= ``at_least`` elements the ops run by ``fn`` allocate (out=, in-place and views excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            fresh = [r.alias_info is None for r in func._schema.returns]
+            results = out if isinstance(out, (tuple, list)) else (out,)
+            Count.n += sum(1 for r, f in zip(results, fresh)
+                           if f and isinstance(r, torch.Tensor) and r.numel() >= at_least)
+            return out
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_logits_sized_allocation_per_chunk(dtype):
+    """The forward and backward allocate their [chunk, vocab] buffers once, whatever the number of chunks."""
+    h, w, b, targets, upstream = _bf16_head(n=64, hidden=32, vocab=500)
+    h, w, b = h.to(dtype), w.to(dtype), b.to(dtype)
+
+    def forward_backward(chunk_size):
+        hidden = h.clone().requires_grad_()
+        (token_logps(hidden, w, targets, b, chunk_size) * upstream.float()).sum().backward()
+
+    counts = [_large_allocations(lambda: forward_backward(8), at_least=8 * 500),  # 8 chunks
+              _large_allocations(lambda: forward_backward(32), at_least=8 * 500)]  # 2 chunks
+    assert counts[0] == counts[1] <= 2, counts
+
+
+def test_hidden_states_are_kept_for_backward_only_when_the_head_trains():
+    h, w, b, targets, _ = _bf16_head(n=16)
+    hidden = h.clone().requires_grad_()
+    frozen = token_logps(hidden, w, targets, b, 4)
+    trained = token_logps(hidden, w.clone().requires_grad_(), targets, b, 4)
+    saved = lambda out: [t for t in out.grad_fn.saved_tensors if t is not None]  # noqa: E731
+    assert not any(t.shape == hidden.shape and t.dtype == hidden.dtype and torch.equal(t, hidden) for t in saved(frozen))
+    assert any(t.shape == hidden.shape and torch.equal(t, hidden) for t in saved(trained))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision_logps_match_a_float64_reference(dtype):
+    """On a GPU (torch.mm with a float32 output: no rounding of the logits to the head's dtype) as on CPU."""
+    h, w, b, targets, upstream = _bf16_head()
+    h, w, b, targets = (x.cuda() for x in (h.to(dtype), w.to(dtype), b.to(dtype), targets))
+    hidden = h.clone().requires_grad_()
+    ours = token_logps(hidden, w, targets, b, 7)
+    (ours.double() * upstream.cuda()).sum().backward()
+    h64 = h.double().requires_grad_()
+    ref = float64_token_logps(h64, w, targets, b)
+    (ref * upstream.cuda()).sum().backward()
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=0, atol=2e-4)
+    scale = h64.grad.abs().max().item()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=2e-2, atol=2e-2 * scale)

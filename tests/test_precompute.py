@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -151,23 +152,120 @@ def test_full_precision_reference_is_its_own_fingerprint(fresh):
         "precision": "fp32", "quantization": None, "dtype": "float32"}
 
 
-def test_out_of_memory_batch_is_retried_at_half_size(tiny_config, monkeypatch):
-    """A CUDA out-of-memory error on a batch splits it in halves; the values come out in the same order."""
+class FakeOutOfMemory:
+    """A CUDA out-of-memory error raised after the forward has allocated its activations (as a real one is):
+    a forward hook on the last decoder layer keeps a weak reference to that layer's output, then raises
+    when more than ``fits`` pairs are in the batch. ``sizes`` records the pairs of every forward; ``alive``
+    the failed attempts' activations that were still in memory when the next forward started."""
+
+    def __init__(self, model, fits: int):
+        self.fits, self.sizes, self.alive, self.failed = fits, [], [], []
+        layer = model.model.layers[-1]
+        layer.register_forward_hook(self.after_layer)
+        model.register_forward_pre_hook(self.before_forward)
+
+    def before_forward(self, module, args):
+        self.alive.append(sum(ref() is not None for ref in self.failed))
+
+    def after_layer(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        pairs = hidden.shape[0] // 2
+        self.sizes.append(pairs)
+        if pairs > self.fits:
+            self.failed.append(weakref.ref(hidden))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+def test_out_of_memory_retries_at_half_size_after_freeing_and_later_batches_keep_that_size(tiny_config):
+    """An out-of-memory batch is retried in halves once the failed forward's activations are freed (not from
+    inside the except block, whose traceback pins them); the size that worked is kept for the next batches."""
+    import dpo_lean.precompute as pre
+
+    config = tiny_config()
+    rows = prepare_data(config, modeling.load_tokenizer(config)).rows[:16]
+    model = modeling.prepare_reference(config)
+    direct = pre.BatchScorer(model, 0, None, torch.device("cpu"), torch.float32)
+    whole = [direct(rows[:8]), direct(rows[8:])]
+    oom = FakeOutOfMemory(model, fits=2)
+    scorer = pre.BatchScorer(model, 0, None, torch.device("cpu"), torch.float32)
+    split = [scorer(rows[:8]), scorer(rows[8:])]
+    assert oom.sizes == [8, 4, 2, 2, 2, 2] + [2, 2, 2, 2]  # the second batch starts at the size that worked
+    assert scorer.max_rows == 2 and len(oom.failed) == 2
+    assert oom.alive == [0] * len(oom.sizes)  # every failed attempt's activations were gone before the next try
+    for a, b in zip(split, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # same values, same order: [chosen..., rejected...]
+
+
+def test_out_of_memory_on_a_single_pair_is_a_one_line_error(tiny_config):
+    import dpo_lean.precompute as pre
+
+    config = tiny_config()
+    rows = prepare_data(config, modeling.load_tokenizer(config)).rows[:2]
+    model = modeling.prepare_reference(config)
+    FakeOutOfMemory(model, fits=0)
+    with pytest.raises(DpoLeanError) as err:
+        pre.BatchScorer(model, 0, None, torch.device("cpu"), torch.float32)(rows)
+    assert "out of memory" in str(err.value) and f"row {rows[0].row_index}" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.cuda
+def test_cuda_out_of_memory_retry_starts_with_the_failed_attempts_memory_released(tiny_config):
+    """On a GPU: 256 MB allocated by a forward that then runs out of memory are free when the half-size retry starts."""
     import dpo_lean.precompute as pre
 
     config = tiny_config()
     rows = prepare_data(config, modeling.load_tokenizer(config)).rows[:8]
     model = modeling.prepare_reference(config)
-    whole = pre.score_batch(model, rows, 0, None, torch.device("cpu"), torch.float32)
-    real, sizes = pre.batch_logps, []
+    dev = modeling.device()
+    start, at_forward = torch.cuda.memory_allocated(dev), []
 
-    def small_batches_only(model, batch, chunk_size=None):
-        sizes.append(batch["input_ids"].shape[0] // 2)
-        if sizes[-1] > 2:
+    def before(module, args):
+        at_forward.append(torch.cuda.memory_allocated(dev) - start)
+
+    def after(module, args, output):
+        ballast = torch.empty(2**28, dtype=torch.uint8, device=dev)  # noqa: F841 (pinned only by this frame)
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[0] // 2 > 2:  # more than 2 pairs
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, batch, chunk_size)
 
-    monkeypatch.setattr(pre, "batch_logps", small_batches_only)
-    split = pre.score_batch(model, rows, 0, None, torch.device("cpu"), torch.float32)
-    assert sizes == [8, 4, 2, 2, 4, 2, 2]
-    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+    model.register_forward_pre_hook(before)
+    model.model.layers[-1].register_forward_hook(after)
+    scorer = pre.BatchScorer(model, 0, None, dev, modeling.compute_dtype(config, dev))
+    scorer(rows)
+    assert scorer.max_rows == 2 and len(at_forward) == 6  # 8 pairs fail, 4 fail, then 4 x 2
+    assert max(at_forward) < 2**27, at_forward  # no 256 MB ballast of a failed attempt left when a retry starts
+
+
+@pytest.mark.cuda
+def test_cuda_real_out_of_memory_halves_the_batch_and_gives_the_same_values(tiny_config):
+    """On a GPU: under a memory cap of 3/4 of what 256 pairs take (measured here, then set with
+    torch.cuda.set_per_process_memory_fraction), a real CUDA out-of-memory error halves the batch; the values
+    equal an uncapped run's, and the next batch starts at the size that worked."""
+    import dpo_lean.precompute as pre
+
+    config = tiny_config()
+    rows = prepare_data(config, modeling.load_tokenizer(config)).rows[:64] * 4  # 256 pairs: well above the granularity
+    model = modeling.prepare_reference(config)
+    dev = modeling.device()
+    dtype = modeling.compute_dtype(config, dev)
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    whole = pre.BatchScorer(model, 0, None, dev, dtype)(rows)
+    need = torch.cuda.max_memory_allocated(dev) - base  # what 256 pairs take on top of the model
+    torch.cuda.empty_cache()
+    cap = base + int(0.75 * need) + 2**20
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(dev).total_memory, dev)
+    try:
+        scorer = pre.BatchScorer(model, 0, None, dev, dtype)
+        capped = scorer(rows)
+        halved_to = scorer.max_rows
+        again = scorer(rows)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    assert halved_to is not None and halved_to <= 128, (need, cap)
+    assert scorer.max_rows == halved_to  # the next batch started at the size that worked
+    torch.testing.assert_close(capped, whole, rtol=0, atol=1e-3)
+    torch.testing.assert_close(again, capped, rtol=0, atol=1e-5)

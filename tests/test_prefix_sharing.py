@@ -12,6 +12,7 @@ from dpo_lean.data.collate import Sharing, collate, collate_pairs, collate_share
 from dpo_lean.data.pipeline import prepare_data
 from dpo_lean.errors import DpoLeanError
 from dpo_lean.logprobs import batch_logps
+from dpo_lean.sharing import prefix_sharing
 
 
 def test_mask_by_hand():
@@ -78,20 +79,20 @@ def test_shared_equals_two_sequences_in_value_and_lora_gradient(tiny_config, tin
 def test_a_model_that_cannot_take_the_mask_falls_back_with_one_warning(tiny_config, monkeypatch):
     config = tiny_config(copy_cache=False)
     model = modeling.prepare_reference(config)
-    sharing = modeling.prefix_sharing(config, model, torch.float32)
+    sharing = prefix_sharing(config, model, torch.float32)
     assert sharing is not None and not sharing.always  # auto: where it pays
     assert sharing.hidden_size == model.config.hidden_size
     assert sharing.intermediate_size == model.config.intermediate_size
-    assert modeling.prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=True), model, torch.float32).always
+    assert prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=True), model, torch.float32).always
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, position_ids=None, **kw: forward(*a, **kw))  # drops positions
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert modeling.prefix_sharing(config, model, torch.float32) is None
+        assert prefix_sharing(config, model, torch.float32) is None
     assert len([w for w in caught if "prefix sharing" in str(w.message)]) == 1
     with pytest.raises(DpoLeanError, match="prefix_sharing"):
-        modeling.prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=True), model, torch.float32)
-    assert modeling.prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=False), model, torch.float32) is None
+        prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=True), model, torch.float32)
+    assert prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=False), model, torch.float32) is None
 
 
 def test_layout_flops_by_hand():
@@ -145,3 +146,161 @@ def test_training_with_and_without_prefix_sharing_agrees(tiny_config, tmp_path):
     for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
         assert abs(finals[0][key] - finals[1][key]) < 1e-4, key
     assert finals[0]["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("layout", ["pairs", "shared"])
+def test_collate_refuses_a_pair_without_prompt_tokens(layout):
+    """The last prompt position predicts the first completion token: with no prompt it would be position -1,
+    the previous row's last hidden state. Collate refuses instead of scoring the wrong state."""
+    fn = collate_pairs if layout == "pairs" else collate_shared
+    with pytest.raises(ValueError, match="no prompt tokens"):
+        fn([[10, 11], []], [[20], [21, 22]], [[30], [31]], pad_id=0)
+
+
+# ---------------------------------------------------------------- sliding windows
+
+
+def _sliding_model(kind: str, window: int = 48, attention: str = "sdpa"):
+    """A tiny random model with a sliding window (2 layers), built like dpo_lean.tiny: Qwen2 with use_sliding_window
+    on every layer or past max_window_layers (one full, one sliding layer), Mistral (every layer), Gemma 3
+    (alternating layer types)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False, attn_implementation=attention)
+    configs = {
+        "qwen2": lambda: Qwen2Config(**common, use_sliding_window=True, sliding_window=window, max_window_layers=0),
+        "qwen2-mixed": lambda: Qwen2Config(**common, use_sliding_window=True, sliding_window=window, max_window_layers=1),
+        "mistral": lambda: MistralConfig(**common, sliding_window=window),
+        "gemma3": lambda: Gemma3TextConfig(**common, head_dim=16, sliding_window=window,
+                                           layer_types=["sliding_attention", "full_attention"]),
+    }
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(configs[kind]())
+    modeling.defer_output_head(model)
+    return model.eval()
+
+
+LONG_ROWS = ([list(range(3, 43)), list(range(50, 62))], [list(range(100, 130)), list(range(140, 148))],
+             [list(range(200, 225)), list(range(230, 239))])  # prompts 40 and 12, completions 30/25 and 8/9
+
+
+def test_window_layout_is_what_transformers_applies_to_two_sequences():
+    from types import SimpleNamespace
+
+    from dpo_lean.sharing import WindowLayout, window_layout
+
+    assert window_layout(_sliding_model("qwen2")) == WindowLayout(48, None)  # every layer slides: one mask
+    assert window_layout(_sliding_model("mistral")) == WindowLayout(48, None)  # no layer_types: every layer
+    both = ("full_attention", "sliding_attention")
+    assert window_layout(_sliding_model("qwen2-mixed")) == WindowLayout(48, both)  # a mask per layer type
+    assert window_layout(_sliding_model("gemma3")) == WindowLayout(48, both)
+    assert window_layout(_sliding_model("qwen2", window=None)) == WindowLayout()
+    no_window = SimpleNamespace(config=SimpleNamespace(layer_types=["full_attention"] * 2, sliding_window=48))
+    assert window_layout(no_window) == WindowLayout()  # Qwen2 with max_window_layers >= layers: no layer slides
+    hybrid = SimpleNamespace(config=SimpleNamespace(layer_types=["linear_attention", "full_attention"], sliding_window=None))
+    assert "linear_attention" in window_layout(hybrid)
+
+
+@pytest.mark.parametrize("kind,attention", [("qwen2", "sdpa"), ("qwen2-mixed", "sdpa"), ("mistral", "sdpa"),
+                                            ("gemma3", "sdpa"), ("qwen2-mixed", "eager")])
+def test_shared_equals_two_sequences_past_the_sliding_window(tiny_config, kind, attention):
+    """Window 48: longer than the startup check's pair (37 positions), shorter than the rows (70). A full causal
+    shared mask bypasses the window (0.04-0.24 nats off); the windowed one equals two sequences."""
+    model = _sliding_model(kind, attention=attention)
+    sharing = prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=True), model, torch.float32)
+    assert sharing is not None and sharing.window == 48
+    shared = collate(*LONG_ROWS, pad_id=0, sharing=sharing)
+    assert "position_ids" in shared  # the shared layout, not two sequences
+    with torch.no_grad():
+        two = batch_logps(model, collate_pairs(*LONG_ROWS, pad_id=0))
+        one = batch_logps(model, shared)
+    assert (one - two).abs().max().item() < 1e-4
+
+
+def test_the_startup_check_exercises_the_window(tiny_config, monkeypatch):
+    """A wrong window layout (the full layer of a mixed model windowed too) fails the check, though the model's real
+    window is longer than the check's pair: the check shrinks the window so the pair crosses it."""
+    from dpo_lean import sharing as sharing_module
+
+    model = _sliding_model("qwen2-mixed")
+    monkeypatch.setattr(sharing_module, "window_layout", lambda m: sharing_module.WindowLayout(48, None))
+    with pytest.raises(DpoLeanError, match="differ from two sequences"):
+        prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=True), model, torch.float32)
+    assert model.config.sliding_window == 48  # restored after the check
+
+
+# ---------------------------------------------------------------- the startup check's tolerance
+
+
+def test_sharing_tolerance_by_hand():
+    from dpo_lean.sharing import sharing_tolerance
+
+    # bf16, 2 layers, n = 256: 2 * 4 * sqrt(3) * (2^-8 + 16 * 2^-24) * 10 = 8 * 1.7320508 * 0.0039072037 * 10
+    got = sharing_tolerance(torch.tensor([10.0, 1.0]), num_layers=2, inner=256, dtype=torch.bfloat16)
+    torch.testing.assert_close(got, torch.tensor([0.5413980, 0.0541398]), rtol=1e-6, atol=0)
+    # fp32, 28 layers, n = 18944: 2 * 4 * sqrt(29) * (1 + 137.637) * 2^-24 * 2 = 7.1200e-4
+    got = sharing_tolerance(torch.tensor([2.0]), num_layers=28, inner=18944, dtype=torch.float32)
+    torch.testing.assert_close(got, torch.tensor([7.1200e-4]), rtol=1e-4, atol=0)
+
+
+def _bf16_model(head_scale: float, seed: int = 2):
+    """The tiny architecture in bf16 with its logits scaled: bf16 noise in nats grows with the logits' size."""
+    from dpo_lean.tiny import build_model
+
+    model = build_model(vocab_size=1024, hidden_size=64, num_layers=2, seed=seed).to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    modeling.defer_output_head(model)
+    return model.eval()
+
+
+def _leaky_mask(monkeypatch):
+    """A broken shared mask: rejected tokens see the chosen ones (as if the model ignored the 4-D mask)."""
+    import dpo_lean.data.collate as collate_module
+
+    real = collate_module.shared_attention_mask
+    monkeypatch.setattr(collate_module, "shared_attention_mask",
+                        lambda p, c, r, width, dtype, window=None: real(p + c, 0, r, width, dtype, window))
+
+
+@pytest.mark.parametrize("head_scale", [0.01, 300.0])
+def test_bf16_check_passes_rounding_and_fails_a_real_disagreement(tiny_config, monkeypatch, capsys, head_scale):
+    """In bf16 on CPU, with small logits (a real leak moves the log-probs by ~1e-3 nats, under a fixed 2e-2) and
+    large ones (rounding alone moves them by ~0.3 nats, over it): the check takes the correct layout, prints the
+    measured difference once, and refuses the leaking one."""
+    config = tiny_config(copy_cache=False, prefix_sharing=True)
+    model = _bf16_model(head_scale)
+    assert prefix_sharing(config, model, torch.bfloat16) is not None
+    out = capsys.readouterr().out
+    assert out.count("prefix sharing check: shared and two-sequence log-probs differ by") == 1 and "bfloat16" in out
+    _leaky_mask(monkeypatch)
+    with pytest.raises(DpoLeanError, match="differ from two sequences by"):
+        prefix_sharing(config, model, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quantization_bit", [4, None])
+def test_cuda_bf16_check_passes_the_tiny_model_and_fails_a_leak(tiny_config, monkeypatch, capsys, quantization_bit):
+    """On a GPU in bf16 (the layouts run different SDPA kernels there): the check passes, and refuses a leaking mask."""
+    config = tiny_config(copy_cache=False, prefix_sharing=True, bf16=True, quantization_bit=quantization_bit)
+    model = modeling.prepare_reference(config)
+    assert next(model.parameters()).is_cuda
+    assert prefix_sharing(config, model, torch.bfloat16) is not None
+    print(capsys.readouterr().out)  # the measured difference, for tools/gpu_check.sh's log
+    _leaky_mask(monkeypatch)
+    with pytest.raises(DpoLeanError, match="differ from two sequences by"):
+        prefix_sharing(config, model, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_shared_equals_two_sequences_past_the_sliding_window(tiny_config):
+    """On a GPU (SDPA's CUDA kernels, float32): the windowed shared mask on a model with full and sliding layers
+    (a full causal mask is 0.04 nats off here)."""
+    model = _sliding_model("qwen2-mixed").to("cuda")
+    sharing = prefix_sharing(tiny_config(copy_cache=False, prefix_sharing=True), model, torch.float32)
+    assert sharing is not None and sharing.window == 48
+    with torch.no_grad():
+        two = batch_logps(model, modeling.batch_to(collate_pairs(*LONG_ROWS, pad_id=0), torch.device("cuda")))
+        one = batch_logps(model, modeling.batch_to(collate(*LONG_ROWS, pad_id=0, sharing=sharing), torch.device("cuda")))
+    assert (one - two).abs().max().item() < 1e-3

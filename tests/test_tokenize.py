@@ -70,3 +70,14 @@ def test_auto_template_needs_a_chat_template(tiny_tokenizer):
         chat_template = None
     with pytest.raises(DpoLeanError, match="template"):
         chat_template_for("auto", NoTemplate())
+
+
+def test_a_prompt_that_renders_to_no_tokens_is_skipped_with_a_reason(tiny_tokenizer):
+    """A template whose prompt rendering diverges from the full conversation at the first token leaves no prompt
+    token: the row is skipped (collate could not predict the first completion token from nothing)."""
+    from dpo_lean.data.formats import SKIP_REASONS
+
+    diverging = ("{% if add_generation_prompt %}<|im_start|>{% endif %}"
+                 "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    skip = tokenize_record(_record(), tiny_tokenizer, diverging, 512, "keep_end")
+    assert isinstance(skip, Skip) and skip.reason == "empty_prompt" and skip.reason in SKIP_REASONS

@@ -17,6 +17,14 @@ from dataclasses import dataclass
 import torch
 
 
+def _check_prompts(prompts: list[list[int]]) -> None:
+    """Every pair needs a prompt token: its last one predicts the first completion token (position -1 would read
+    the previous row's last hidden state). Tokenisation skips such rows ("empty_prompt"); this makes it certain."""
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"pairs {empty} of the batch have no prompt tokens; tokenisation should have skipped them")
+
+
 def _scores(spans: list[tuple[int, list[int], list[int]]], width: int, num_pairs: int, num_tokens: int) -> dict:
     """spans: (row, predictor positions, target ids) per completion, chosen ones first, then rejected ones.
 
@@ -41,6 +49,7 @@ def collate_pairs(prompts: list[list[int]], chosens: list[list[int]], rejecteds:
     Row i is prompt_i + chosen_i, row B + i is prompt_i + rejected_i; completion_mask is 1 on
     completion tokens only.
     """
+    _check_prompts(prompts)
     seqs = [p + c for p, c in zip(prompts, chosens)] + [p + r for p, r in zip(prompts, rejecteds)]
     completions = list(chosens) + list(rejecteds)
     prompt_lens = [len(p) for p in prompts] * 2
@@ -57,18 +66,25 @@ def collate_pairs(prompts: list[list[int]], chosens: list[list[int]], rejecteds:
             **_scores(spans, width, len(prompts), sum(len(s) for s in seqs))}
 
 
-def shared_attention_mask(p: int, c: int, r: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+def shared_attention_mask(p: int, c: int, r: int, width: int, dtype: torch.dtype,
+                          window: int | None = None) -> torch.Tensor:
     """[width, width] mask for [prompt | chosen | rejected | padding]: boolean (True = may attend, what
     SDPA takes and runs fastest with) when ``dtype`` is torch.bool, else additive (0 or the dtype's
     minimum, what eager attention adds to its scores).
 
     Causal, and rejected never sees chosen; padding rows see only themselves (no all-masked row,
-    so no NaN from the softmax).
+    so no NaN from the softmax). ``window``: a sliding window in positions, as transformers applies it
+    to two sequences (a query at position q sees keys at positions > q - window); rejected positions
+    restart after the prompt, so a rejected token sees the prompt tokens it would see in its own sequence.
     """
     region = torch.full((width,), 3)
     region[:p], region[p:p + c], region[p + c:p + c + r] = 0, 1, 2
     i, j = torch.arange(width)[:, None], torch.arange(width)[None, :]
     allowed = (j <= i) & ((region[None, :] == 0) | (region[None, :] == region[:, None])) & (region[:, None] != 3)
+    if window is not None:
+        pos = torch.arange(width)
+        pos[p + c:p + c + r] -= c
+        allowed &= (pos[:, None] - pos[None, :]) < window
     allowed |= i == j
     if dtype == torch.bool:
         return allowed
@@ -76,28 +92,39 @@ def shared_attention_mask(p: int, c: int, r: int, width: int, dtype: torch.dtype
 
 
 def collate_shared(prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]],
-                   pad_id: int, mask_dtype: torch.dtype = torch.float32) -> dict:
+                   pad_id: int, mask_dtype: torch.dtype = torch.float32, window: int | None = None,
+                   layer_types: tuple[str, ...] | None = None) -> dict:
     """One row per pair, [prompt | chosen | rejected], with a 4-D mask and position ids.
 
     Rejected positions restart where the prompt ends; the last prompt position predicts the first
-    token of both completions.
+    token of both completions. With a sliding ``window`` that a row's positions outgrow, the mask is
+    windowed: for every layer, or, given the model's ``layer_types``, as a {layer type: mask} dict in
+    which only "sliding_attention" layers get the window (what transformers' models take).
     """
+    _check_prompts(prompts)
     seqs = [p + c + r for p, c, r in zip(prompts, chosens, rejecteds)]
     width = max(len(s) for s in seqs)
+    span = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosens, rejecteds))  # positions used
+    windows = [None] if window is None or span <= window else [None, window] if layer_types else [window]
     b = len(seqs)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((b, width), dtype=torch.long)
-    mask = torch.empty((b, 1, width, width), dtype=mask_dtype)
+    masks = {w: torch.empty((b, 1, width, width), dtype=mask_dtype) for w in windows}
     chosen_spans, rejected_spans = [], []
     for i, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds)):
         n_p, n_c, n_r = len(p), len(c), len(r)
         input_ids[i, :n_p + n_c + n_r] = torch.tensor(p + c + r, dtype=torch.long)
         position_ids[i, :n_p + n_c + n_r] = torch.tensor(
             list(range(n_p + n_c)) + list(range(n_p, n_p + n_r)), dtype=torch.long)
-        mask[i, 0] = shared_attention_mask(n_p, n_c, n_r, width, mask_dtype)
+        for w, mask in masks.items():
+            mask[i, 0] = shared_attention_mask(n_p, n_c, n_r, width, mask_dtype, w)
         chosen_spans.append((i, list(range(n_p - 1, n_p + n_c - 1)), c))
         rejected_spans.append((i, [n_p - 1] + list(range(n_p + n_c, n_p + n_c + n_r - 1)), r))
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+    if len(masks) == 1:
+        attention_mask = next(iter(masks.values()))
+    else:
+        attention_mask = {t: masks[window if t == "sliding_attention" else None] for t in layer_types}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
             **_scores(chosen_spans + rejected_spans, width, b,
                       sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds)))}
 
@@ -126,6 +153,8 @@ class Sharing:
     hidden_size: int
     intermediate_size: int
     always: bool = False
+    window: int | None = None  # the model's sliding window, in positions (see collate_shared)
+    layer_types: tuple[str, ...] | None = None  # set where only some layers slide: the mask goes as a dict
 
     def pays(self, prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]]) -> bool:
         if self.always:
@@ -162,7 +191,8 @@ def collate(prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[
     """The batch in the shared layout where ``sharing`` says it pays, else as two sequences per pair;
     ``tails``: with ``score_tail`` (see ``mark_tails``)."""
     if sharing is not None and sharing.pays(prompts, chosens, rejecteds):
-        batch = collate_shared(prompts, chosens, rejecteds, pad_id, mask_dtype=sharing.mask_dtype)
+        batch = collate_shared(prompts, chosens, rejecteds, pad_id, mask_dtype=sharing.mask_dtype,
+                               window=sharing.window, layer_types=sharing.layer_types)
     else:
         batch = collate_pairs(prompts, chosens, rejecteds, pad_id)
     return mark_tails(batch) if tails else batch

@@ -26,6 +26,8 @@ SKIP_REASONS: dict[str, str] = {
     "identical_completions": "chosen and rejected are the same, so the pair teaches nothing",
     "bad_turns": "the prompt is empty, or its turns do not alternate user/assistant and end with a user turn",
     "not_an_object": "the row is not a JSON object (e.g. a list, string or number)",
+    "empty_prompt": "the prompt renders to no tokens (the template's prompt and full renderings differ from the first "
+                    "token), so nothing predicts the first completion token",
     "prompt_too_long": "the prompt alone fills cutoff_len, leaving no room for a completion",
     "identical_after_truncation": "chosen and rejected become identical once truncated to cutoff_len",
     "identical_tokens": "chosen and rejected differ as text but not as tokens (the tokenizer's Unicode normalisation or "

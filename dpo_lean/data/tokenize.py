@@ -95,6 +95,8 @@ def tokenize_record(record: Record, tokenizer, chat_template: str, cutoff_len: i
         return Skip(record.row_index, where, "prompt_too_long",
                     f"prompt has {len(prompt)} tokens, cutoff_len is {cutoff_len}")
     p, c, r = fitted
+    if not p:  # the last prompt token predicts the first completion token; collate needs one
+        return Skip(record.row_index, where, "empty_prompt", "the prompt renders to no tokens before the completions")
     if c == r:
         return Skip(record.row_index, where, "identical_after_truncation",
                     f"chosen and rejected agree on their first {len(c)} tokens")
