@@ -38,9 +38,10 @@ def template_names() -> tuple[str, ...]:
 def check_template_name(name: str) -> None:
     """A one-line error for a name dpo-lean does not accept."""
     if name not in JINJA_TEMPLATES and name not in LF_TEMPLATES:
-        close = difflib.get_close_matches(name, template_names(), n=1)
+        close = difflib.get_close_matches(name[:100], template_names(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise DpoLeanError(f"config key 'template': {name!r} is not a template name; use auto (the tokenizer's own), "
+        shown = repr(name) if len(name) <= 80 else repr(name[:60]) + f"... ({len(name)} characters)"
+        raise DpoLeanError(f"config key 'template': {shown} is not supported; use auto (the tokenizer's own), "
                            f"plain, or one of LLaMA-Factory 0.9.5's template names (README, Templates){hint}")
 
 
