@@ -92,6 +92,7 @@ def data_check(show, dump_ids, config_path, overrides):
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)
     click.echo(f"dataset: {config.dataset}")
+    click.echo(f"template: {config.template}" + (" (the tokenizer's own)" if config.template == "auto" else ""))
     click.echo(f"rows loaded: {data.num_rows}")
     click.echo(f"rows kept: {len(data.rows)}")
     click.echo(f"rows skipped: {len(data.skips)}")

@@ -36,7 +36,8 @@ from .reporting import save_figure
 # Keys the reference cache depends on (its fingerprint): one shared cache cannot serve several values.
 CACHE_KEYS = frozenset({
     "model_name_or_path", "model_revision", "quantization_bit", "quantization_type", "double_quantization",
-    "ref_precision", "bf16", "fp16", "template", "cutoff_len", "truncation_mode", "dataset", "dataset_dir",
+    "ref_precision", "bf16", "fp16", "template", "enable_thinking", "preserve_thinking", "default_system", "cutoff_len",
+    "truncation_mode", "dataset", "dataset_dir",
     "eval_dataset", "max_samples"})
 # Keys the sweep sets for each run itself.
 RUN_KEYS = frozenset({"output_dir", "ref_cache_dir", "eval_ref_cache_dir", "resume_from_checkpoint", "overwrite_cache"})

@@ -250,6 +250,17 @@ def template_case(name: str, data_dir: Path, tok_dir: Path, multimodal: bool, **
     return {"tokenizer": state, "rows": full, "cut": {"llamafactory": lf_cut, **ours}}
 
 
+def lf_keys() -> list[str]:
+    """Every key LF's train argument parser knows."""
+    import dataclasses
+
+    from llamafactory.hparams import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
+    from llamafactory.hparams.training_args import TrainingArguments
+
+    classes = (ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, GeneratingArguments)
+    return sorted({f.name for c in classes for f in dataclasses.fields(c)})
+
+
 def lf_config_check(path: Path) -> str:
     """"ok" if LF's own argument parser accepts the file, else its first error line."""
     import yaml
@@ -258,6 +269,7 @@ def lf_config_check(path: Path) -> str:
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as out:
         raw["output_dir"] = out  # LF checks its output_dir; where it is does not matter here
+        raw["use_cpu"] = True  # transformers refuses bf16 on a machine without a GPU unless told it is a CPU run
         try:
             get_train_args(raw)
         except (ValueError, SystemExit, OSError, ImportError) as e:
@@ -299,6 +311,7 @@ def build() -> None:
         print(f"{name}: ok", file=sys.stderr)
     configs = {p.name: {"sha256": digest([p]), "lf": lf_config_check(p)} for p in sorted((ROOT / "configs").glob("*.yaml"))}
     fixture = {"lf_version": LF_VERSION, "datasets": DATASETS, "cutoff_len": {"full": FULL, "short": SHORT},
+               "lf_keys": lf_keys(),
                "rows_sha256": digest(data_dir.iterdir()), "tokenizer_sha256": digest(tok_dir.iterdir()),
                "lf_templates": sorted(TEMPLATES), "refused": refused, "cases": cases, "configs": configs}
     with gzip.open(OUT / "lf_ids.json.gz", "wt", encoding="utf-8", compresslevel=9) as f:
