@@ -8,8 +8,9 @@ tokens and a BOS token, no pad token; tokenizer/) and ``lf_ids.json.gz``: for ev
 registers, the ids that LF's ``get_template_and_fix_tokenizer`` + ``get_dataset(stage="rm")`` give for
 every row (prompt, chosen, rejected), the lengths LF keeps at a short cutoff_len, the lengths dpo-lean's
 keep_end/keep_start rules keep (computed here from LF's ids), and the tokenizer as LF left it. Templates
-LF ties to an image/audio processor run with a stand-in processor (nothing but the processor objects
-LF checks for; text rows never reach them); one that still fails is recorded with LF's error.
+LF ties to an image/audio processor run with a stand-in processor (:func:`stand_in_processor`), and their
+ids must equal those of the same template with LF's plain-text plugin; one that still fails is recorded
+with LF's error.
 It also parses every file in configs/ with LF's own argument parser and records which ones LF accepts.
 tests/test_lf_parity.py compares dpo-lean with all of it, and checks that the fixture was made from the
 committed rows, tokenizer, configs and template list (LF cannot be imported there).
@@ -277,6 +278,16 @@ def lf_config_check(path: Path) -> str:
     return "ok"
 
 
+def text_plugin_rows(name: str, template, data_dir: Path, tok_dir: Path) -> list:
+    from llamafactory.data.mm_plugin import get_mm_plugin
+
+    plugin, template.mm_plugin = template.mm_plugin, get_mm_plugin(name="base")
+    try:
+        return lf_pairs(name, FULL, data_dir, tok_dir, False)[1]
+    finally:
+        template.mm_plugin = plugin
+
+
 def variants(name: str, template) -> dict[str, dict]:
     """Extra cases: thinking switched off / kept in the history (reasoning templates); another default system."""
     from llamafactory.data.template import ReasoningTemplate
@@ -306,6 +317,8 @@ def build() -> None:
         except Exception as e:  # LF's own refusal: recorded, and dpo-lean must refuse the name too
             refused[name] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             continue
+        if multimodal:  # the plugin leaves text rows alone: the same ids as with LF's plain-text plugin
+            assert cases[name]["rows"] == text_plugin_rows(name, template, data_dir, tok_dir), name
         for label, args in variants(name, template).items():  # LF's data arguments that change ids
             cases[f"{name} {label}"] = template_case(name, data_dir, tok_dir, multimodal, **args)
         print(f"{name}: ok", file=sys.stderr)
@@ -314,8 +327,8 @@ def build() -> None:
                "lf_keys": lf_keys(),
                "rows_sha256": digest(data_dir.iterdir()), "tokenizer_sha256": digest(tok_dir.iterdir()),
                "lf_templates": sorted(TEMPLATES), "refused": refused, "cases": cases, "configs": configs}
-    with gzip.open(OUT / "lf_ids.json.gz", "wt", encoding="utf-8", compresslevel=9) as f:
-        json.dump(fixture, f, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    text = json.dumps(fixture, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    (OUT / "lf_ids.json.gz").write_bytes(gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0))  # same bytes
     print(f"{len(cases)} cases, refused: {', '.join(refused) or 'none'}", file=sys.stderr)
 
 
