@@ -35,7 +35,7 @@ def test_dump_ids_are_llamafactorys_for_every_kept_row(tmp_path):
 
 def test_show_marks_special_tokens_newlines_and_the_completion_start(tmp_path):
     rows = json.loads((FIXTURES / "demo" / "demo_case.json").read_text(encoding="utf-8"))
-    cfg = write_config(tmp_path, template="chatml")
+    cfg = write_config(tmp_path, template="qwen3_nothink")  # <|im_start|>: an added token, not in the special map
     result = invoke("data-check", cfg, "--show", "2", "--dump-ids", tmp_path / "ids.jsonl")
     assert result.exit_code == 0, result.output
     ids = dumped(tmp_path / "ids.jsonl")
