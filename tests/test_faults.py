@@ -8,6 +8,8 @@ import random
 import shutil
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from killing import Point, kill_at, run_until
@@ -149,8 +151,6 @@ def _no_space(path):
 
 
 def test_disk_full_while_writing_a_part(tiny_config, tmp_path, monkeypatch):
-    import pyarrow.parquet as pq
-
     config = tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "cache"))
     real, calls = pq.write_table, []
 
@@ -223,11 +223,7 @@ def test_damaged_cache_is_detected_then_repaired(damage, tiny_config, tmp_path):
     elif damage == "duplicate-part":
         shutil.copy(parts[1], cache_dir / "part-00009-0000000000.parquet")
     elif damage == "duplicate-row":  # one part rewritten with its first row twice
-        import pyarrow.parquet as pq
-
         table = pq.read_table(parts[2])
-        import pyarrow as pa
-
         pq.write_table(pa.concat_tables([table, table.slice(0, 1)]).replace_schema_metadata(table.schema.metadata),
                        parts[2])
     elif damage == "edited-manifest":
@@ -243,10 +239,21 @@ def test_damaged_cache_is_detected_then_repaired(damage, tiny_config, tmp_path):
     result = CliRunner().invoke(main, ["cache-info", str(cache_dir)])
     assert result.exit_code == 1
 
+    damaged = {"duplicate-part": parts[1], "duplicate-row": parts[2]}.get(damage)
+    redone = set(pq.read_table(damaged).column("row_index").to_pylist()) if damaged else set()
     summary = run_precompute(config)  # repairs: recomputes only what the damage touched
     assert summary["complete"]
-    assert summary["rows"] <= (32 if damage.startswith("duplicate") else 0 if "manifest" in damage else 0)
-    pd.testing.assert_frame_equal(_cached(cache_dir), before, check_exact=False, atol=1e-6, rtol=0)
+    assert summary["rows"] == len(redone)
+    # Rows kept from the committed fixture are its values exactly. Recomputed rows are compared with an
+    # uninterrupted run on this machine (exact), not with the fixture, which another CPU's kernels computed.
+    repaired = _cached(cache_dir)
+    is_redone = repaired["row_index"].isin(redone)
+    pd.testing.assert_frame_equal(repaired[~is_redone], before[~is_redone], check_exact=True)
+    if redone:
+        run_precompute(tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "straight")))
+        straight = _cached(tmp_path / "straight")
+        pd.testing.assert_frame_equal(repaired[is_redone], straight[is_redone], check_exact=True)
+        pd.testing.assert_frame_equal(repaired, before, check_exact=False, atol=1e-4, rtol=0)  # and near the fixture
     train.prepare_run(config)
 
 

@@ -125,10 +125,16 @@ def test_refuses_to_mix_into_a_cache_with_another_fingerprint(tiny_config):
 def test_damaged_part_is_recomputed(tiny_config, uninterrupted):
     config = tiny_config()
     part = sorted(config.resolved_ref_cache_dir.glob("part-*.parquet"))[1]
+    redone = pq.read_table(part).column("row_index").to_pylist()
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     summary = run_precompute(config)
     assert summary["rows"] == 16 and summary["complete"]
-    pd.testing.assert_frame_equal(cached(config.resolved_ref_cache_dir), uninterrupted)
+    repaired = cached(config.resolved_ref_cache_dir)
+    is_redone = repaired["row_index"].isin(redone)
+    # Recomputed rows: exactly this machine's uninterrupted run. Kept rows were computed on another CPU (the
+    # committed fixture), so they agree with this machine's within kernel rounding only.
+    pd.testing.assert_frame_equal(repaired[is_redone], uninterrupted[is_redone], check_exact=True)
+    pd.testing.assert_frame_equal(repaired, uninterrupted, check_exact=False, atol=1e-4, rtol=0)
 
 
 def test_committed_fixture_cache_is_complete_and_sound():
