@@ -80,7 +80,7 @@ def main():
               help="Write every kept row's ids as JSON lines {row_index, prompt_ids, chosen_ids, rejected_ids}.")
 @with_config
 @user_errors
-def data_check(show, dump_ids, config_path, overrides):
+def data_check(config_path, overrides, show=0, dump_ids=None):
     """Load and tokenise exactly as training would; print row counts, skips and token lengths."""
     from .config import require
     from .data.display import render_row, write_ids

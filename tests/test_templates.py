@@ -107,3 +107,11 @@ def test_readme_lists_every_template_and_which_are_multimodal():
         names = re.findall(r"`([^`]+)`", match.group(2))
         assert sorted(names) == sorted(n for n, t in LF_TEMPLATES.items() if bool(t.processor) == wanted)
         assert int(match.group(1)) == len(names)
+
+
+def test_templates_pickle_for_worker_processes():
+    import pickle
+
+    from dpo_lean.data.template_table import LF_TEMPLATES
+
+    assert all(pickle.loads(pickle.dumps(t)) == t for t in LF_TEMPLATES.values())
