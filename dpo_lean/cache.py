@@ -5,7 +5,8 @@ Layout (any Parquet reader reads the directory; names starting with "_" or "." a
     ref_cache/
       _manifest.json                 fingerprint, expected rows, run summaries
       part-00000-<digest>.parquet     row_index, id, ref_chosen_logps, ref_rejected_logps,
-      part-00001-<digest>.parquet     chosen_tokens, rejected_tokens, prompt_tokens
+      part-00001-<digest>.parquet     ref_chosen_tail_logps, ref_rejected_tail_logps,
+                                      chosen_tokens, rejected_tokens, prompt_tokens
       .part-....tmp                   a part being written (renamed when complete)
 
 Every part carries the fingerprint in its key-value metadata. Rows are planned into parts
@@ -31,13 +32,15 @@ from . import __version__
 from .errors import DpoLeanError
 from .files import atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: + the tail columns (LD-DPO)
 MANIFEST = "_manifest.json"
 META_FINGERPRINT = b"dpo_lean.fingerprint"
 META_DIGEST = b"dpo_lean.fingerprint_sha256"
 SCHEMA = pa.schema([
     ("row_index", pa.int64()), ("id", pa.string()),
     ("ref_chosen_logps", pa.float32()), ("ref_rejected_logps", pa.float32()),
+    # the sum over the completion's tokens past the pair's shorter completion (0 for the shorter one): LD-DPO
+    ("ref_chosen_tail_logps", pa.float32()), ("ref_rejected_tail_logps", pa.float32()),
     ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32()), ("prompt_tokens", pa.int32()),
 ])
 # Recorded, never compared: where things were found and which dpo-lean wrote them; the content fields decide.

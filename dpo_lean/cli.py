@@ -122,6 +122,10 @@ def precompute(config_path, overrides):
     from .precompute import run_precompute
 
     config = _config(config_path, overrides)
+    if not config.needs_reference:
+        click.echo(f"pref_loss {config.pref_loss} is reference-free: no reference cache is needed, nothing to "
+                   "precompute; run `dpo-lean train CONFIG.yaml`")
+        return
     for c in config.cache_configs():
         if c is not config:
             click.echo(f"\neval_dataset {config.eval_dataset} -> {c.resolved_ref_cache_dir}")

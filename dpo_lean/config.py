@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from .errors import DpoLeanError
+from .loss_catalog import F_DIVERGENCE_LOSSES, F_DIVERGENCES, PREF_LOSSES, check_loss_keys, needs_reference, parse_losses
 
-PREF_LOSSES = ("sigmoid", "hinge", "ipo")
 TRUNCATION_MODES = ("keep_end", "keep_start", "llamafactory")
 REF_PRECISIONS = ("base", "bf16", "fp16", "fp32")
 ATTN_CHOICES = ("auto", "disabled", "sdpa", "fa2", "eager")
@@ -64,9 +64,17 @@ class Config:
     finetuning_type: str = _key("lora", "Fine-tuning type; dpo-lean trains LoRA adapters only.", group="method", choices=("lora",))
     do_train: bool = _key(True, "Accepted for LLaMA-Factory compatibility; `dpo-lean train` always trains.", group="method", compat=True)
     pref_beta: float = _key(0.1, "DPO beta: strength of the pull towards the reference.", group="method", min=0.0, min_exclusive=True)
-    pref_loss: str = _key("sigmoid", "Preference loss: sigmoid (DPO), hinge (SLiC), ipo (IPO).", group="method", choices=PREF_LOSSES)
-    pref_ftx: float = _key(0.0, "Weight of an SFT term (mean NLL per token of the chosen completion) added to the loss.", group="method", min=0.0)
-    dpo_label_smoothing: float = _key(0.0, "Conservative DPO: assumed probability that a preference label is flipped (sigmoid only).", group="method", min=0.0, max=0.5, max_exclusive=True)
+    pref_loss: str = _key("sigmoid", "Preference loss (LLaMA-Factory's and TRL's names), or a comma list mixed by pref_loss_weights: " + ", ".join(PREF_LOSSES) + ". orpo and simpo (alone or with sft) need no reference cache.", group="method")
+    pref_loss_weights: str | None = _key(None, "Comma list of weights, one per pref_loss entry (TRL's loss_weights; MPO: pref_loss=sigmoid,bco_pair,sft with 0.8,0.2,1.0); default 1 each.", group="method", comma_list=True)
+    pref_ftx: float = _key(0.0, "Weight of an SFT term (mean NLL per token of the chosen completion, per pair, as LLaMA-Factory) added to the loss.", group="method", min=0.0)
+    dpo_label_smoothing: float = _key(0.0, "Label smoothing eps: conservative DPO on sigmoid (LLaMA-Factory's meaning; TRL's sigmoid ignores it), TRL's label_smoothing for robust, exo_pair (needs > 0), aot and aot_unpaired.", group="method", min=0.0, max=0.5, max_exclusive=True)
+    simpo_gamma: float = _key(0.5, "SimPO's target reward margin gamma (simpo only).", group="method", min=0.0)
+    pref_bco_weight: float = _key(0.0, "LLaMA-Factory's BCO mix: loss = (loss + w bco) / (1 + w), the BCO term against the running mean of the batch rewards.", group="method", min=0.0)
+    ld_alpha: float | None = _key(None, "LD-DPO alpha: weight of each completion's tokens past the pair's shorter completion, in policy and reference log-probs (TRL's ld_alpha); unset = 1.", group="method", min=0.0, max=1.0)
+    pref_f_divergence: str = _key("reverse_kl", "f-DPO divergence (TRL's f_divergence_type): reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence; other than reverse_kl only with " + ", ".join(sorted(F_DIVERGENCE_LOSSES)) + ".", group="method", choices=F_DIVERGENCES)
+    pref_f_alpha_divergence_coef: float = _key(0.5, "alpha of pref_f_divergence: alpha_divergence (TRL's f_alpha_divergence_coef).", group="method")
+    pref_discopop_tau: float = _key(0.05, "DiscoPOP's temperature tau (discopop only; TRL's discopop_tau).", group="method", min=0.0, min_exclusive=True)
+    pref_use_weighting: bool = _key(False, "WPO: weight each pair's loss by the policy's length-normalised probability of both completions (TRL's use_weighting); one more no-grad pass of the output head.", group="method")
     lora_rank: int = _key(8, "LoRA rank r.", group="method", min=1)
     lora_alpha: int | None = _key(None, "LoRA alpha; default 2 x lora_rank.", group="method", min=1)
     lora_dropout: float = _key(0.0, "Dropout on the LoRA input.", group="method", min=0.0, max=1.0)
@@ -172,6 +180,28 @@ class Config:
         return [self, self.eval_set_config()] if self.eval_dataset else [self]
 
     @property
+    def pref_losses(self) -> list[str]:
+        return parse_losses(self.pref_loss)
+
+    @property
+    def pref_loss_weight_values(self) -> list[float] | None:
+        if self.pref_loss_weights is None:
+            return None
+        try:
+            weights = [float(w) for w in self.pref_loss_weights.split(",")]
+        except ValueError:
+            raise DpoLeanError(f"config key 'pref_loss_weights': {_shown(self.pref_loss_weights)} must be numbers "
+                               "separated by commas (0.8,0.2,1.0)") from None
+        if not all(math.isfinite(w) for w in weights):
+            raise DpoLeanError(f"config key 'pref_loss_weights': {_shown(self.pref_loss_weights)} must be finite")
+        return weights
+
+    @property
+    def needs_reference(self) -> bool:
+        """False for orpo or simpo, alone or with sft (policy-only losses): no reference cache then."""
+        return needs_reference(self.pref_losses)
+
+    @property
     def metrics_dir(self) -> Path:
         return Path(self.output_dir) / "dpo_metrics"
 
@@ -250,6 +280,9 @@ def _coerce(name: str, value: Any) -> Any:
                     pass
     elif isinstance(value, list) and str in allowed and all(isinstance(v, str) for v in value):
         return ",".join(value)  # lora_target: [q_proj, v_proj], dataset: [a, b], report_to: [wandb]
+    elif (isinstance(value, list) and str in allowed and FIELDS[name].metadata["comma_list"]
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        return ",".join(map(str, value))  # pref_loss_weights: [0.8, 0.2, 1.0]
     raise DpoLeanError(f"config key '{name}': {_shown(value)} is not allowed; expected {_describe(allowed)}")
 
 
@@ -318,8 +351,7 @@ def _check_cross_rules(c: Config) -> None:
     if c.eval_dataset and c.val_size:
         raise DpoLeanError("config keys 'val_size' and 'eval_dataset' are both set; evaluate on one of them "
                            "(val_size holds rows out of dataset, eval_dataset names other rows)")
-    if c.dpo_label_smoothing > 0 and c.pref_loss != "sigmoid":
-        raise DpoLeanError(f"config key 'dpo_label_smoothing' works with pref_loss: sigmoid only (got {c.pref_loss})")
+    check_loss_keys(c)
     _check_template(c)
     for t in (x.strip() for x in c.report_to.split(",")):
         if t not in ("none", "tensorboard", "wandb", "all", ""):

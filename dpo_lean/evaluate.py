@@ -3,7 +3,7 @@
     rows, ref = train.split_eval(...)                 # val_size rows held out by seed, or eval_dataset + its cache
     policy    = base (4-bit or plain) + the adapter   # loaded as training builds it: head deferred, 4-bit pinned
     per batch of per_device_eval_batch_size rows, in order:
-        losses, stats = train.pair_metrics(config, batch_logps(policy, batch), batch)
+        losses, stats = pair_metrics(config, batch_scores(policy, batch), batch)
     metrics   = mean over all rows of every per-row value
 
 Training's evaluation logs the same means over all rows (DPOLeanTrainer keeps per-row values), so
@@ -24,7 +24,8 @@ from . import modeling, train
 from .config import Config
 from .errors import DpoLeanError
 from .files import atomic_write_text
-from .logprobs import batch_logps
+from .logprobs import batch_scores
+from .objective import pair_metrics
 
 RESULTS_NAME = "eval_results.json"
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
@@ -62,19 +63,23 @@ def load_policy(config: Config, adapter: str):
     return model
 
 
-def score(config: Config, model, eval_set: train.EvalSet, pad_id: int) -> dict[str, float]:
-    """Means over all rows of the loss, the reward stats and the log-ratios (TRL's names, ``eval_`` prefix)."""
+def score(config: Config, model, eval_set: train.EvalSet, pad_id: int,
+          reward_baseline: float = 0.0) -> dict[str, float]:
+    """Means over all rows of the loss, the reward stats and the log-ratios (TRL's names, ``eval_`` prefix);
+    for a reference-free loss, ``logratios/*`` are the length-averaged policy log-probs its rewards use."""
     dataset = train.to_dataset(eval_set.rows, eval_set.ref)
     dev = modeling.device()
     dtype = modeling.compute_dtype(config, dev)
-    collate = train.PairCollator(pad_id, modeling.prefix_sharing(config, model, dtype))
+    collate = train.PairCollator(pad_id, modeling.prefix_sharing(config, model, dtype),
+                                 tails=config.ld_alpha is not None)
     per_row: dict[str, list[torch.Tensor]] = {}
     size = config.per_device_eval_batch_size
     for start in range(0, len(dataset), size):
         features = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
         batch = modeling.batch_to(collate(features), dev)
         with modeling.inference(model), modeling.autocast(dtype, dev):
-            losses, stats = train.pair_metrics(config, batch_logps(model, batch, config.logprob_chunk_size), batch)
+            scores = batch_scores(model, batch, config.logprob_chunk_size, wpo=config.pref_use_weighting)
+            losses, stats = pair_metrics(config, scores, batch, bco_baseline=lambda _: reward_baseline)
         stats["loss"] = losses
         for key, values in stats.items():
             per_row.setdefault(key, []).append(values.float().cpu())
@@ -104,7 +109,7 @@ def run_evaluate(config: Config) -> dict:
     adapter = adapter_path(config)
     eval_set, pad_id = eval_rows(config)
     click.echo(f"evaluate: adapter {adapter} on {len(eval_set.rows)} pairs ({eval_set.source})")
-    metrics = score(config, load_policy(config, adapter), eval_set, pad_id)
+    metrics = score(config, load_policy(config, adapter), eval_set, pad_id, reward_baseline_of(config, adapter))
     click.echo(format_table(metrics))
     results = {**metrics, "rows": len(eval_set.rows), "rows_from": eval_set.source, "adapter": str(adapter),
                "pref_loss": config.pref_loss, "pref_beta": config.pref_beta}
@@ -112,6 +117,21 @@ def run_evaluate(config: Config) -> dict:
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     click.echo(f"results: {path}")
     return results
+
+
+def reward_baseline_of(config: Config, adapter: str) -> float:
+    """pref_bco_weight's delta where training left it: a checkpoint's trainer_state.json, or the run's summary.json."""
+    if not config.pref_bco_weight:
+        return 0.0
+    state, summary = Path(adapter) / "trainer_state.json", Path(adapter) / "dpo_metrics" / "summary.json"
+    if state.is_file():
+        saved = json.loads(state.read_text(encoding="utf-8")).get("stateful_callbacks", {}).get("RewardBaseline")
+        if saved:
+            return saved["args"]["mean"]
+    elif summary.is_file() and "reward_baseline" in (run := json.loads(summary.read_text(encoding="utf-8"))):
+        return run["reward_baseline"]["mean"]
+    raise DpoLeanError(f"config key 'pref_bco_weight': {adapter} records no reward baseline (the BCO term's delta); "
+                       "evaluate an adapter trained with pref_bco_weight > 0, or set pref_bco_weight: 0")
 
 
 def format_table(metrics: dict[str, float]) -> str:

@@ -7,8 +7,8 @@ tensor never exists: only completion positions are scored, ``chunk_size`` positi
 the backward pass recomputes each chunk's logits instead of keeping them, so at most one chunk of
 logits is alive in the forward and in the backward. Log-sum-exp runs in float32.
 
-Precompute and train both call :func:`batch_logps`, so the reference and the policy are scored by
-the same code.
+Precompute and train both score with :func:`batch_scores` (precompute through :func:`batch_logps`),
+so the reference and the policy are scored by the same code.
 """
 
 from __future__ import annotations
@@ -100,6 +100,10 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size)
 
 
+def _segment_sums(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    return torch.zeros(num_segments, dtype=values.dtype, device=values.device).index_add(0, segment, values)
+
+
 def gather_logps(hidden: torch.Tensor, weight: torch.Tensor, score_index: torch.Tensor,
                  score_targets: torch.Tensor, score_segment: torch.Tensor, num_segments: int,
                  bias: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
@@ -109,12 +113,51 @@ def gather_logps(hidden: torch.Tensor, weight: torch.Tensor, score_index: torch.
     score_targets; score_segment says which completion each scored token belongs to.
     """
     flat = hidden.reshape(-1, hidden.shape[-1])[score_index]
-    logps = token_logps(flat, weight, score_targets, bias, chunk_size)
-    return torch.zeros(num_segments, dtype=torch.float32, device=hidden.device).index_add(0, score_segment, logps)
+    return _segment_sums(token_logps(flat, weight, score_targets, bias, chunk_size), score_segment, num_segments)
 
 
-def batch_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
-    """Run ``model`` (its output head deferred, see modeling.defer_output_head) and score the batch: [2B].
+def log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     chunk_size: int | None = None) -> torch.Tensor:
+    """log sum_v p_v^2 of the next-token distribution at each of the flat [N, H] hidden states, float32 [N],
+    without gradient (WPO's alignment term), a chunk of logits at a time:
+
+        log sum_v p_v^2 = logsumexp_v(2 z_v) - 2 logsumexp_v(z_v)
+    """
+    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for s in range(0, hidden.shape[0], chunk_size):
+            logits = _chunk_logits(hidden[s:s + chunk_size], weight, bias)
+            lse = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk_size] = torch.logsumexp(logits.mul_(2), dim=-1) - 2 * lse
+    return out
+
+
+def completion_scores(token_values: torch.Tensor, batch: dict,
+                      token_log_sum_sq: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-completion sums of scored-token log-probs ([chosen..., rejected...], [2B] each):
+
+        logps       the sum over the completion's tokens
+        tail_logps  the sum over its tokens past the pair's shorter completion (LD-DPO; when the batch has
+                    ``score_tail``, see data.collate); 0 for the shorter one
+        wpo_logps   mean over its tokens of (log p_t - log sum_v p_v^2), no gradient (WPO; when
+                    ``token_log_sum_sq`` is given)
+    """
+    segment, n = batch["score_segment"], 2 * batch["num_pairs"]
+    scores = {"logps": _segment_sums(token_values, segment, n)}
+    if "score_tail" in batch:
+        scores["tail_logps"] = _segment_sums(token_values * batch["score_tail"].to(token_values.dtype), segment, n)
+    if token_log_sum_sq is not None:
+        with torch.no_grad():
+            counts = _segment_sums(torch.ones_like(token_values), segment, n)
+            scores["wpo_logps"] = _segment_sums(token_values.detach() - token_log_sum_sq, segment, n) / counts
+    return scores
+
+
+def batch_scores(model, batch: dict, chunk_size: int | None = None, wpo: bool = False) -> dict[str, torch.Tensor]:
+    """Run ``model`` (its output head deferred, see modeling.defer_output_head) and score the batch: the
+    :func:`completion_scores` of its completions (``wpo``: also WPO's term, one more no-grad pass of the head
+    over the completion positions, a chunk at a time).
 
     ``batch`` comes from data.collate (either layout): the model gets ``input_ids``, ``attention_mask``
     (and ``position_ids`` for the shared layout); the score fields say which tokens to sum.
@@ -122,5 +165,14 @@ def batch_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tens
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     out = model(**inputs, use_cache=False)  # a DDP wrapper's forward, so gradients synchronise
     head = getattr(model, "module", model).get_output_embeddings().head
-    return gather_logps(out.logits, head.weight, batch["score_index"], batch["score_targets"],
-                        batch["score_segment"], 2 * batch["num_pairs"], bias=head.bias, chunk_size=chunk_size)
+    flat = out.logits.reshape(-1, out.logits.shape[-1])[batch["score_index"]]
+    values = token_logps(flat, head.weight, batch["score_targets"], head.bias, chunk_size)
+    log_sum_sq = log_sum_sq_probs(flat.detach(), head.weight, head.bias, chunk_size) if wpo else None
+    return completion_scores(values, batch, log_sum_sq)
+
+
+def batch_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
+    """Summed log-prob of each completion, [2B] (chosen..., rejected...); for a batch with ``score_tail``,
+    [2B, 2]: the sum and the sum past the pair's shorter completion (what the reference cache stores)."""
+    scores = batch_scores(model, batch, chunk_size)
+    return torch.stack([scores["logps"], scores["tail_logps"]], dim=1) if "tail_logps" in scores else scores["logps"]

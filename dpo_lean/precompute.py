@@ -56,13 +56,14 @@ def pending_parts(plan, done: set[int], num_shards: int, shard_index: int):
 
 def score_batch(model, rows: list[TokenizedRow], pad_id: int, chunk_size, dev, dtype,
                 sharing: Sharing | None = None) -> torch.Tensor:
-    """[chosen logps..., rejected logps...] for ``rows``; on CUDA out-of-memory, halves the batch and retries.
+    """[2B, 2] for ``rows``: rows chosen..., rejected...; columns the summed log-prob and its tail (past the
+    pair's shorter completion, for LD-DPO). On CUDA out-of-memory, halves the batch and retries.
 
     ``sharing``: prefix sharing (one [prompt | chosen | rejected] sequence per pair where it pays);
     None for two sequences per pair.
     """
     ids = [r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows]
-    batch = modeling.batch_to(collate(*ids, pad_id, sharing), dev)
+    batch = modeling.batch_to(collate(*ids, pad_id, sharing, tails=True), dev)
     try:
         with modeling.inference(model), modeling.autocast(dtype, dev):
             return batch_logps(model, batch, chunk_size).cpu()
@@ -92,8 +93,10 @@ def compute_part(model, batches, pad_id, chunk_size, dev, dtype, sharing, progre
         for i, r in enumerate(rows):
             cols["row_index"].append(r.row_index)
             cols["id"].append(r.id)
-            cols["ref_chosen_logps"].append(float(logps[i]))
-            cols["ref_rejected_logps"].append(float(logps[n + i]))
+            cols["ref_chosen_logps"].append(float(logps[i, 0]))
+            cols["ref_rejected_logps"].append(float(logps[n + i, 0]))
+            cols["ref_chosen_tail_logps"].append(float(logps[i, 1]))
+            cols["ref_rejected_tail_logps"].append(float(logps[n + i, 1]))
             cols["chosen_tokens"].append(len(r.chosen_ids))
             cols["rejected_tokens"].append(len(r.rejected_ids))
             cols["prompt_tokens"].append(len(r.prompt_ids))

@@ -8,8 +8,11 @@
     then        = sweep_results.csv, sweep_results.md and sweep_curves.png in <output_dir>/sweep/
 
 Splitting rule: ``key=a,b`` sweeps a and b, except for the keys whose value is itself a comma list
-(dataset, eval_dataset, lora_target, report_to), where ``key=a,b`` is one value. ``;`` separates
-alternatives for every key: ``'lora_target=q_proj,v_proj;all'`` sweeps two LoRA targets.
+(dataset, eval_dataset, lora_target, report_to, pref_loss_weights), where ``key=a,b`` is one value. ``;``
+separates alternatives for every key: ``'lora_target=q_proj,v_proj;all'`` sweeps two LoRA targets, and
+``'pref_loss=sigmoid,bco_pair,sft;ipo'`` a loss mix (MPO) against ipo.
+
+Every loss trains from the one cache; a sweep whose runs are all reference-free (orpo, simpo) needs none.
 """
 
 from __future__ import annotations
@@ -156,8 +159,11 @@ def run_sweep(config_path, overrides) -> dict:
     runs = plan_runs(config_path, fixed, axes, base)
     click.echo(f"sweep: {len(runs)} runs ({' x '.join(f'{len(v)} {k}' for k, v in axes)}) in {sweep_dir(base)}, "
                f"all against {base.resolved_ref_cache_dir}")
-    for c in base.cache_configs():  # computes only what the cache lacks: nothing, when it is complete
-        run_precompute(c)
+    if any(run.config.needs_reference for run in runs):
+        for c in base.cache_configs():  # computes only what the cache lacks: nothing, when it is complete
+            run_precompute(c)
+    else:
+        click.echo("sweep: every run is reference-free; no reference cache is needed")
     status = {run.name: train_run(run, f"{i}/{len(runs)}") for i, run in enumerate(runs, 1)}
     rows = [result_row(run) for run in runs]
     paths = write_results(rows, [k for k, _ in axes], runs, sweep_dir(base))

@@ -1,10 +1,11 @@
 """Phase 2: train the LoRA policy against the reference cache, on transformers' Trainer.
 
     rows   = prepare_data(config)                        # the same tokenisation as precompute
-    ref    = verified cache, joined to rows by id        # refuses a stale or incomplete cache
+    ref    = verified cache, joined to rows by id        # refuses a stale or incomplete cache; none for
+                                                         # reference-free losses (orpo, simpo)
     policy = 4-bit (or plain) base + LoRA                # no reference model, ever
-    per batch:  pi_w, pi_l = batch_logps(policy, batch)  # the same log-prob function as precompute
-                loss = preference_loss(pi_w, pi_l, ref_w, ref_l, ...)
+    per batch:  scores = batch_scores(policy, batch)     # the same log-prob function as precompute
+                loss = objective.pair_metrics(config, scores, batch)   # preference_loss, TRL's metrics
     Trainer does accumulation, schedule, clipping, checkpoints, resume, logging, trackers.
 """
 
@@ -26,23 +27,30 @@ from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.tokenize import TokenizedRow
 from .errors import DpoLeanError, Interrupted
-from .logprobs import batch_logps
-from .losses import preference_loss, reward_stats
+from .logprobs import batch_scores
 from .measure import peak_memory_gb
+from .objective import RewardBaseline, pair_metrics
 from .sampling import LengthGroupedSampler
 
 # ---------------------------------------------------------------- the cache join
 
 
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps", "ref_rejected_tail_logps")
+
+
 def load_reference(config: Config, fingerprint: dict, rows: list[TokenizedRow],
-                   what: str = "training rows") -> dict[str, tuple[float, float]]:
-    """id -> (ref_chosen_logps, ref_rejected_logps) for every row, after checking the cache is the right one."""
+                   what: str = "training rows") -> dict[str, tuple[float, ...]]:
+    """id -> the REF_COLUMNS values for every row, after checking the cache is the right one."""
     cache_dir = config.resolved_ref_cache_dir
     rebuild = "rebuild it with `dpo-lean precompute CONFIG.yaml overwrite_cache=true`"
     if not (Path(cache_dir) / cache.MANIFEST).exists():
         raise DpoLeanError(f"no reference cache at {cache_dir}; run `dpo-lean precompute CONFIG.yaml` first "
                            "(or set ref_cache_dir)")
     state = cache.scan(cache_dir)
+    version = state.manifest["fingerprint"].get("format_version")
+    if version != cache.FORMAT_VERSION:
+        raise DpoLeanError(f"cache {cache_dir} has format {version}, this dpo-lean reads format {cache.FORMAT_VERSION} "
+                           f"(new columns); {rebuild}")
     diffs = cache.fingerprint_diff(state.manifest["fingerprint"], fingerprint)
     if diffs:
         raise DpoLeanError(f"cache {cache_dir} does not match this run: {'; '.join(diffs)}; {rebuild}")
@@ -63,7 +71,7 @@ def load_reference(config: Config, fingerprint: dict, rows: list[TokenizedRow],
             raise DpoLeanError(f"cache {cache_dir}: row {r.row_index} was cached with token counts {counts}, "
                                f"but tokenises to {(len(r.prompt_ids), len(r.chosen_ids), len(r.rejected_ids))}; "
                                f"{rebuild}")
-        ref[r.id] = (table["ref_chosen_logps"][k], table["ref_rejected_logps"][k])
+        ref[r.id] = tuple(table[c][k] for c in REF_COLUMNS)
     return ref
 
 
@@ -80,53 +88,42 @@ def split_rows(rows: list[TokenizedRow], val_size: float, seed: int) -> tuple[li
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def to_dataset(rows: list[TokenizedRow], ref: dict):
+def to_dataset(rows: list[TokenizedRow], ref: dict | None):
+    """The rows as a datasets.Dataset, with their reference columns (none for a reference-free run)."""
     from datasets import Dataset
 
-    return Dataset.from_dict({
+    columns = {
         "row_index": [r.row_index for r in rows],
         "prompt_ids": [r.prompt_ids for r in rows],
         "chosen_ids": [r.chosen_ids for r in rows],
         "rejected_ids": [r.rejected_ids for r in rows],
-        "ref_chosen_logps": [ref[r.id][0] for r in rows],
-        "ref_rejected_logps": [ref[r.id][1] for r in rows],
         "length": [r.length for r in rows],
-    })
+    }
+    for i, name in enumerate(REF_COLUMNS if ref is not None else ()):
+        columns[name] = [ref[r.id][i] for r in rows]
+    return Dataset.from_dict(columns)
 
 
 @dataclass
 class PairCollator:
-    """Pairs -> a batch for batch_logps: two sequences per pair, or one shared sequence where ``sharing`` pays."""
+    """Pairs -> a batch for batch_scores: two sequences per pair, or one shared sequence where ``sharing`` pays;
+    ``tails``: with LD-DPO's tail marks (see data.collate.mark_tails)."""
 
     pad_id: int
     sharing: Sharing | None = None
+    tails: bool = False
 
     def __call__(self, features: list[dict]) -> dict:
         ids = ([f["prompt_ids"] for f in features], [f["chosen_ids"] for f in features],
                [f["rejected_ids"] for f in features])
-        batch = collate(*ids, self.pad_id, self.sharing)
-        batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features], dtype=torch.float32)
-        batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features], dtype=torch.float32)
+        batch = collate(*ids, self.pad_id, self.sharing, tails=self.tails)
+        for name in REF_COLUMNS:
+            if name in features[0]:
+                batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float32)
         batch["chosen_tokens"] = torch.tensor([len(f["chosen_ids"]) for f in features], dtype=torch.float32)
         batch["rejected_tokens"] = torch.tensor([len(f["rejected_ids"]) for f in features], dtype=torch.float32)
         batch["row_index"] = torch.tensor([f["row_index"] for f in features], dtype=torch.long)
         return batch
-
-
-def pair_metrics(config: Config, logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses [B] and TRL's per-pair metrics from [chosen..., rejected...] policy log-probs.
-
-    Training, its evaluation and `dpo-lean evaluate` all score rows with this one function.
-    """
-    n = batch["ref_chosen_logps"].shape[0]
-    pi_w, pi_l = logps[:n], logps[n:]
-    ref_w, ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    losses = preference_loss(pi_w, pi_l, ref_w, ref_l, batch["chosen_tokens"], batch["rejected_tokens"],
-                             loss_type=config.pref_loss, beta=config.pref_beta,
-                             label_smoothing=config.dpo_label_smoothing, ftx=config.pref_ftx)
-    stats = reward_stats(pi_w, pi_l, ref_w, ref_l, config.pref_beta)
-    stats["logps/chosen"], stats["logps/rejected"] = pi_w.detach(), pi_l.detach()
-    return losses, stats
 
 
 # ---------------------------------------------------------------- the trainer
@@ -149,6 +146,20 @@ def _trainer_class():
             self.window_finite = True
             self.nonfinite_steps_skipped = 0
 
+        @property
+        def reward_baseline(self):
+            """The RewardBaseline callback (pref_bco_weight), looked up each time: a resume may replace it."""
+            return next((c for c in self.callback_handler.callbacks if isinstance(c, RewardBaseline)), None)
+
+        def _bco_baseline(self, training: bool):
+            """pref_bco_weight's delta: a training batch updates the running mean (all ranks), eval reads it."""
+            baseline = self.reward_baseline
+            if baseline is None:
+                return None
+            if training:
+                return lambda reward: baseline.update(self.accelerator.gather(reward.reshape(1)))
+            return lambda reward: baseline.mean
+
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
             faults.guard_optimizer(optimizer, self, skip=self.dpo.skip_nonfinite_steps)
@@ -161,8 +172,8 @@ def _trainer_class():
             return LengthGroupedSampler(dataset["length"], self.args.per_device_train_batch_size, self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            logps = batch_logps(model, inputs, self.dpo.logprob_chunk_size)
-            losses, stats = pair_metrics(self.dpo, logps, inputs)
+            scores = batch_scores(model, inputs, self.dpo.logprob_chunk_size, wpo=self.dpo.pref_use_weighting)
+            losses, stats = pair_metrics(self.dpo, scores, inputs, bco_baseline=self._bco_baseline(model.training))
             if model.training:
                 self.window_rows += inputs["row_index"].tolist()
                 self.window_finite &= bool(torch.isfinite(losses).all())
@@ -170,7 +181,7 @@ def _trainer_class():
                 stats["loss"] = losses.detach()  # eval_loss: a mean over rows like the rest (see log)
             self._record(model.training, stats, inputs["num_tokens"])
             loss = losses.mean()
-            return (loss, {"logps": logps.detach()}) if return_outputs else loss
+            return (loss, {"logps": scores["logps"].detach()}) if return_outputs else loss
 
         def _record(self, training, stats, num_tokens: int):
             """Keep every row's metrics (all ranks gathered, duplicates dropped); log averages over rows."""
@@ -282,10 +293,15 @@ def resume_target(config: Config) -> str | None:
 
 
 def prepare_run(config: Config):
-    """Tokenizer, data and verified reference: everything train needs before it loads the policy."""
+    """Tokenizer, data and verified reference: everything train needs before it loads the policy.
+
+    A reference-free pref_loss (orpo, simpo; see Config.needs_reference) reads no cache: fingerprint and reference are None.
+    """
     require(config, "model_name_or_path", "dataset")
     tokenizer = modeling.load_tokenizer(config)
     data = prepare_data(config, tokenizer)
+    if not config.needs_reference:
+        return tokenizer, data, None, None
     fingerprint = cache.build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
     ref = load_reference(config, fingerprint, data.rows)
     return tokenizer, data, fingerprint, ref
@@ -296,7 +312,7 @@ class EvalSet:
     """Rows to evaluate on, with their reference log-probs, and where they come from."""
 
     rows: list[TokenizedRow]
-    ref: dict[str, tuple[float, float]]
+    ref: dict[str, tuple[float, ...]] | None  # None for a reference-free run
     source: str
     fingerprint: dict | None = None  # the eval_dataset cache's; None for rows held out of the training cache
 
@@ -317,6 +333,8 @@ def load_eval_dataset(config: Config, tokenizer) -> EvalSet:
     _say(f"eval data: {skip_summary(eval_data)}")
     if eval_data.skips and is_main_process():
         _say(f"skipped eval rows listed in {write_skip_report(eval_data, eval_config.metrics_dir)}")
+    if not config.needs_reference:
+        return EvalSet(eval_data.rows, None, f"eval_dataset={config.eval_dataset}")
     fingerprint = cache.build_fingerprint(eval_config, tokenizer, eval_data, modeling.reference_spec(eval_config))
     eval_ref = load_reference(eval_config, fingerprint, eval_data.rows, what="eval rows")
     return EvalSet(eval_data.rows, eval_ref, f"eval_dataset={config.eval_dataset}", fingerprint)
@@ -332,6 +350,13 @@ def _say(message: str) -> None:
         click.echo(message)
 
 
+def _reference_note(config: Config, eval_set: EvalSet) -> str:
+    if not config.needs_reference:
+        return f"pref_loss {config.pref_loss} is reference-free: no reference cache is read"
+    return (f"reference log-probs from {config.resolved_ref_cache_dir}"
+            + (f" and {config.resolved_eval_ref_cache_dir}" if eval_set.fingerprint else ""))
+
+
 def run_train(config: Config) -> dict:
     """Train the policy; every process of a distributed launch runs this, the main one writes the files."""
     from .reporting import MetricsWriter
@@ -342,8 +367,7 @@ def run_train(config: Config) -> dict:
         _say(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
     train_rows, eval_set = split_eval(config, tokenizer, data, ref)
     _say(f"train: {len(train_rows)} pairs" + (f", eval: {len(eval_set.rows)} pairs" if eval_set.rows else "")
-         + f"; reference log-probs from {config.resolved_ref_cache_dir}"
-         + (f" and {config.resolved_eval_ref_cache_dir}" if eval_set.fingerprint else ""))
+         + f"; {_reference_note(config, eval_set)}")
     args = training_arguments(config, bool(eval_set.rows))
     resume = resume_target(config)
     model = modeling.prepare_policy(config)
@@ -356,12 +380,13 @@ def run_train(config: Config) -> dict:
         summary_extra["eval_cache_fingerprint"] = eval_set.fingerprint
     writer = MetricsWriter(config.metrics_dir, plot=config.plot_loss, extra_summary=lambda: summary_extra)
     interrupt = faults.StopOnInterrupt()
+    baseline = [RewardBaseline()] if config.pref_bco_weight else []
     trainer = _trainer_class()(
         model=model, args=args, dpo=config,
-        data_collator=PairCollator(tokenizer.pad_token_id, sharing),
+        data_collator=PairCollator(tokenizer.pad_token_id, sharing, tails=config.ld_alpha is not None),
         train_dataset=to_dataset(train_rows, ref),
         eval_dataset=to_dataset(eval_set.rows, eval_set.ref) if eval_set.rows else None,
-        processing_class=tokenizer, callbacks=[writer, interrupt])
+        processing_class=tokenizer, callbacks=[writer, interrupt, *baseline])
     t0 = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -377,6 +402,8 @@ def run_train(config: Config) -> dict:
     summary_extra["nonfinite_steps_skipped"] = trainer.nonfinite_steps_skipped
     summary_extra["train_tokens_per_second"] = round(trainer.train_tokens / max(seconds, 1e-9), 1)
     summary_extra["peak_memory_gb"] = round(peak_memory_gb(args.device), 3)
+    if trainer.reward_baseline is not None:
+        summary_extra["reward_baseline"] = trainer.reward_baseline.state()["args"]  # `dpo-lean evaluate` reads it
     final_eval = trainer.evaluate() if eval_set.rows else {}
     trainer.save_model(config.output_dir)
     summary_extra["finished"] = True  # written last: `dpo-lean sweep` skips a run whose summary says so

@@ -121,3 +121,19 @@ def test_user_mistakes_are_one_line_errors(trained, tmp_path, overrides, fragmen
 def test_val_size_and_eval_dataset_together_are_refused():
     with pytest.raises(DpoLeanError, match="'val_size' and 'eval_dataset' are both set"):
         from_dict({"val_size": 0.1, "eval_dataset": "x.json"})
+
+
+@pytest.mark.parametrize("keys", [
+    {"pref_loss": "simpo", "ref_cache_dir": "absent"},  # reference-free: no cache anywhere
+    {"pref_loss": "sigmoid,sft", "pref_bco_weight": 0.5, "pref_use_weighting": True, "ld_alpha": 0.5},
+], ids=["simpo-without-cache", "bco-wpo-ld"])
+def test_evaluate_reproduces_the_logged_evals_of_every_kind_of_loss(keys, tmp_path):
+    keys = {**keys, "ref_cache_dir": str(tmp_path / keys["ref_cache_dir"])} if "ref_cache_dir" in keys else keys
+    config = from_dict(fixture_raw(tmp_path, **SHORT, **keys))
+    train.run_train(config)
+    evals = [h for h in json.loads((config.metrics_dir / "log_history.json").read_text()) if "eval_loss" in h]
+    assert_same_eval(run_evaluate(config), evals[-1])
+    if config.pref_bco_weight:  # a checkpoint's reward baseline is the one its step's eval used
+        at_4 = next(e for e in evals if e["step"] == 4)
+        assert_same_eval(run_evaluate(from_dict(fixture_raw(
+            tmp_path, **SHORT, **keys, adapter_name_or_path=str(tmp_path / "out" / "checkpoint-4")))), at_4)

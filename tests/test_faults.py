@@ -264,9 +264,9 @@ def _poison_step(monkeypatch, step: int):
     """Make the loss NaN for the micro-batch of the given optimizer step (1-based)."""
     real, calls = train.pair_metrics, []
 
-    def poisoned(config, logps, batch):
-        losses, stats = real(config, logps, batch)
-        if logps.requires_grad:
+    def poisoned(config, scores, batch, **kwargs):
+        losses, stats = real(config, scores, batch, **kwargs)
+        if scores["logps"].requires_grad:
             calls.append(1)
             if len(calls) == step:
                 losses = losses * float("nan")

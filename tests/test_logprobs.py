@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dpo_lean import modeling
-from dpo_lean.data.collate import collate_pairs
-from dpo_lean.logprobs import batch_logps, gather_logps, token_logps
+from dpo_lean.data.collate import collate, collate_pairs, collate_shared
+from dpo_lean.logprobs import batch_logps, batch_scores, gather_logps, log_sum_sq_probs, token_logps
 
 
 def naive_token_logps(hidden, weight, targets, bias=None):
@@ -98,3 +98,48 @@ def test_policy_gradients_equal_naive_path(tiny_config):
     torch.testing.assert_close(ours, naive, rtol=0, atol=1e-4)
     for a, b in zip(g_ours, g_naive):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
+def test_log_sum_sq_probs_match_the_full_softmax(chunk_size):
+    g = torch.Generator().manual_seed(3)
+    hidden, weight, bias = torch.randn(30, 8, generator=g), torch.randn(200, 8, generator=g), torch.randn(200, generator=g)
+    expected = torch.log((torch.softmax(hidden.double() @ weight.double().t() + bias.double(), -1) ** 2).sum(-1))
+    ours = log_sum_sq_probs(hidden.requires_grad_(True), weight, bias, chunk_size)
+    assert not ours.requires_grad  # WPO's weights carry no gradient
+    torch.testing.assert_close(ours.double(), expected, rtol=0, atol=1e-5)
+
+
+PAIRS = ([[1, 50, 60, 70], [1, 80]], [[90, 100, 110], [120, 130, 140, 150, 2]], [[200, 210, 220, 230, 240], [220, 2]])
+
+
+@pytest.mark.parametrize("layout", ["pairs", "shared"])
+def test_tail_and_wpo_scores_equal_naive_full_logits(tiny_config, layout):
+    """LD-DPO's tail sums (tokens past the pair's shorter completion) and WPO's mean aligned log-probs, from the
+    chunked path in either layout, equal a naive computation on the full logits of two sequences per pair."""
+    config = tiny_config(copy_cache=False)
+    model = modeling.load_base_model(config, reference=True)
+    two = collate_pairs(*PAIRS, pad_id=0)
+    with modeling.inference(model):
+        logits = model(input_ids=two["input_ids"], attention_mask=two["attention_mask"]).logits.double()
+        modeling.defer_output_head(model)
+        batch = collate(*PAIRS, pad_id=0, tails=True) if layout == "pairs" else collate_shared(*PAIRS, pad_id=0)
+        if layout == "shared":
+            from dpo_lean.data.collate import mark_tails
+            mark_tails(batch)
+        scores = batch_scores(model, batch, chunk_size=2, wpo=True)
+        stacked = batch_logps(model, batch, chunk_size=2)
+    logp_all = torch.log_softmax(logits, -1)[:, :-1]
+    logp = logp_all.gather(2, two["input_ids"][:, 1:, None]).squeeze(2)
+    lss = torch.log((logp_all.exp() ** 2).sum(-1))
+    mask = two["completion_mask"][:, 1:].double()
+    position = (mask.cumsum(1) - 1) * mask  # 0-based position in the completion
+    lengths = mask.sum(1)
+    shared = torch.minimum(lengths[:2], lengths[2:]).repeat(2)
+    tail = mask * (position >= shared[:, None])
+    assert tail.sum() == 2 + 3  # pair 0: rejected is 2 tokens longer; pair 1: chosen is 3 longer
+    torch.testing.assert_close(scores["logps"].double(), (logp * mask).sum(1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(scores["tail_logps"].double(), (logp * tail).sum(1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(scores["wpo_logps"].double(), ((logp - lss) * mask).sum(1) / lengths, rtol=0, atol=1e-4)
+    assert stacked.shape == (4, 2)
+    torch.testing.assert_close(stacked, torch.stack([scores["logps"], scores["tail_logps"]], 1), rtol=0, atol=1e-5)

@@ -14,8 +14,8 @@ from dpo_lean import modeling, train
 from dpo_lean.errors import DpoLeanError
 from dpo_lean.sweep import parse_sweep, run_folder_name, run_sweep
 
-RUNS = ["pref_beta=0.1_pref_loss=sigmoid", "pref_beta=0.1_pref_loss=ipo",
-        "pref_beta=0.5_pref_loss=sigmoid", "pref_beta=0.5_pref_loss=ipo"]
+LOSSES = ["sigmoid", "simpo", "ipo,bco_pair"]  # DPO, a reference-free loss, and a mix (';' separates alternatives)
+RUNS = [f"pref_beta={beta}_pref_loss={loss}" for beta in ("0.1", "0.5") for loss in LOSSES]
 
 
 # ---------------------------------------------------------------- which values are swept
@@ -78,7 +78,7 @@ def test_sweep_trains_every_combination_against_one_cache_and_resumes_where_it_s
     def forbidden(*a, **k):
         raise AssertionError("the sweep ran the reference model")
     monkeypatch.setattr(modeling, "prepare_reference", forbidden)
-    overrides = ["pref_beta=0.1,0.5", "pref_loss=sigmoid,ipo", "lora_target=q_proj,v_proj"]
+    overrides = ["pref_beta=0.1,0.5", f"pref_loss={';'.join(LOSSES)}", "lora_target=q_proj,v_proj"]
     result = run_sweep(sweep_config, overrides)
     folder = tmp_path / "out" / "sweep"
     assert result["status"] == dict.fromkeys(RUNS, "trained")
@@ -96,20 +96,22 @@ def test_sweep_trains_every_combination_against_one_cache_and_resumes_where_it_s
         assert float(row["eval_loss"]) == summary["final_eval"]["loss"]
         assert float(row["train_loss"]) == summary["train_loss"] and float(row["runtime_seconds"]) > 0
         assert not (folder / row["run"] / "ref_cache").exists()
+    assert len({row["eval_loss"] for row in rows}) == len(RUNS)  # six different objectives
     markdown = (folder / "sweep_results.md").read_text().splitlines()
     assert markdown[0] == "| pref_beta | pref_loss | eval_rewards/accuracies | eval_rewards/margins | eval_loss | " \
-                          "train_loss | runtime_seconds |" and len(markdown) == 2 + 4
+                          "train_loss | runtime_seconds |" and len(markdown) == 2 + 6
+    assert [line.split(" | ")[:2] for line in markdown[2:]] == [[f"| {b}", loss] for b in ("0.1", "0.5") for loss in LOSSES]
     assert (folder / "sweep_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Interrupt one run between its checkpoints; the rerun skips the others and resumes it from checkpoint-2.
-    interrupted = folder / RUNS[2]
+    interrupted = folder / RUNS[3]
     (interrupted / "dpo_metrics" / "summary.json").unlink()
     shutil.rmtree(interrupted / "checkpoint-4")
     seen = []
     real_run_train = train.run_train
     monkeypatch.setattr(train, "run_train", lambda c: seen.append(c.resume_from_checkpoint) or real_run_train(c))
     again = run_sweep(sweep_config, overrides)
-    assert again["status"] == {**dict.fromkeys(RUNS, "skipped"), RUNS[2]: "resumed"} and seen == [True]
+    assert again["status"] == {**dict.fromkeys(RUNS, "skipped"), RUNS[3]: "resumed"} and seen == [True]
     summary = json.loads((interrupted / "dpo_metrics" / "summary.json").read_text())
     assert summary["finished"] is True and summary["global_step"] == 4
 

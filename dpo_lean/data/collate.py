@@ -6,7 +6,8 @@ one shared sequence per pair (``collate_shared``, prefix sharing):  [prompt | ch
 Both give ``score_index`` (flat positions into [rows * T] whose hidden state predicts a completion
 token), ``score_targets`` (that token) and ``score_segment`` (0..B-1 for chosen i, B..2B-1 for
 rejected i), so logprobs.batch_logps sums the same tokens with the same predictors either way.
-``collate`` picks the layout per batch (see ``Sharing``).
+``collate`` picks the layout per batch (see ``Sharing``); with ``tails`` it also marks each scored token that
+lies past the pair's shorter completion (``score_tail``, for LD-DPO), in either layout.
 """
 
 from __future__ import annotations
@@ -141,9 +142,27 @@ def describe_layout(sharing: Sharing | None) -> str:
     return "one shared sequence per pair" if sharing.always else "prefix sharing on the batches where it saves work"
 
 
+def mark_tails(batch: dict) -> dict:
+    """Add ``score_tail`` [N] bool: True for a scored token at position >= min(n_w, n_l) of its completion, the
+    part past the pair's shorter completion (LD-DPO's "verbose" tokens); the shorter completion has none.
+
+    Every completion's tokens are contiguous and in order in the score fields (``_scores``), so a token's
+    position in its completion is its offset from its segment's first token.
+    """
+    segment, b = batch["score_segment"], batch["num_pairs"]
+    counts = torch.bincount(segment, minlength=2 * b)
+    position = torch.arange(segment.shape[0]) - (torch.cumsum(counts, 0) - counts)[segment]
+    shared = torch.minimum(counts[:b], counts[b:]).repeat(2)
+    batch["score_tail"] = position >= shared[segment]
+    return batch
+
+
 def collate(prompts: list[list[int]], chosens: list[list[int]], rejecteds: list[list[int]], pad_id: int,
-            sharing: Sharing | None = None) -> dict:
-    """The batch in the shared layout where ``sharing`` says it pays, else as two sequences per pair."""
+            sharing: Sharing | None = None, tails: bool = False) -> dict:
+    """The batch in the shared layout where ``sharing`` says it pays, else as two sequences per pair;
+    ``tails``: with ``score_tail`` (see ``mark_tails``)."""
     if sharing is not None and sharing.pays(prompts, chosens, rejecteds):
-        return collate_shared(prompts, chosens, rejecteds, pad_id, mask_dtype=sharing.mask_dtype)
-    return collate_pairs(prompts, chosens, rejecteds, pad_id)
+        batch = collate_shared(prompts, chosens, rejecteds, pad_id, mask_dtype=sharing.mask_dtype)
+    else:
+        batch = collate_pairs(prompts, chosens, rejecteds, pad_id)
+    return mark_tails(batch) if tails else batch
