@@ -73,18 +73,26 @@ def main():
 
 
 @main.command("data-check")
+@click.option("--show", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Print the first N kept rows as the model sees them: special tokens as \u27e6token\u27e7, "
+                   "newlines as \u21b5, a line where each completion starts.")
+@click.option("--dump-ids", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Write every kept row's ids as JSON lines {row_index, prompt_ids, chosen_ids, rejected_ids}.")
 @with_config
 @user_errors
-def data_check(config_path, overrides):
+def data_check(config_path, overrides, show=0, dump_ids=None):
     """Load and tokenise exactly as training would; print row counts, skips and token lengths."""
     from .config import require
+    from .data.display import render_row, write_ids
     from .data.pipeline import length_stats, prepare_data, skip_summary, write_skip_report
     from .modeling import load_tokenizer
 
     config = _config(config_path, overrides)
     require(config, "model_name_or_path", "dataset")
-    data = prepare_data(config, load_tokenizer(config))
+    tokenizer = load_tokenizer(config)
+    data = prepare_data(config, tokenizer)
     click.echo(f"dataset: {config.dataset}")
+    click.echo(f"template: {config.template}" + (" (the tokenizer's own)" if config.template == "auto" else ""))
     click.echo(f"rows loaded: {data.num_rows}")
     click.echo(f"rows kept: {len(data.rows)}")
     click.echo(f"rows skipped: {len(data.skips)}")
@@ -97,6 +105,10 @@ def data_check(config_path, overrides):
     if data.skips:
         click.echo(f"skipped rows: {write_skip_report(data, config.metrics_dir)}")
     click.echo(skip_summary(data))
+    for row in data.rows[:show]:
+        click.echo("\n" + render_row(tokenizer, row))
+    if dump_ids:
+        click.echo(f"ids of {len(data.rows)} kept rows: {write_ids(data.rows, dump_ids)}")
 
 
 @main.command()

@@ -22,7 +22,7 @@ import yaml
 from .errors import DpoLeanError
 from .loss_catalog import F_DIVERGENCE_LOSSES, F_DIVERGENCES, PREF_LOSSES, check_loss_keys, needs_reference, parse_losses
 
-TRUNCATION_MODES = ("keep_end", "keep_start")
+TRUNCATION_MODES = ("keep_end", "keep_start", "llamafactory")
 REF_PRECISIONS = ("base", "bf16", "fp16", "fp32")
 ATTN_CHOICES = ("auto", "disabled", "sdpa", "fa2", "eager")
 SCHEDULERS = (
@@ -95,9 +95,12 @@ class Config:
     dataset: str | None = _key(None, "Comma-separated files (json, jsonl, parquet, csv) or names from dataset_dir/dataset_info.json.", group="data", comma_list=True)
     dataset_dir: str = _key("data", "Folder holding dataset_info.json and the files it names.", group="data")
     eval_dataset: str | None = _key(None, "Evaluation datasets (same syntax as dataset), instead of val_size; precompute caches their reference log-probs in eval_ref_cache_dir.", group="data", comma_list=True)
-    template: str = _key("auto", "Chat template: auto (the tokenizer's own), chatml, qwen, llama3, plain.", group="data")
+    template: str | None = _key("auto", "Chat template: auto or null (the tokenizer's own), plain (prompt + completion + EOS), or any LLaMA-Factory 0.9.5 template name (qwen, qwen3, llama3, mistral, gemma, ...), token for token as LLaMA-Factory.", group="data")
+    enable_thinking: bool | None = _key(True, "Reasoning templates (qwen3, deepseekr1, ...): true adds an empty thought to a completion without one (trained on); false drops thoughts and puts the empty thought in the prompt (as LLaMA-Factory).", group="data")
+    preserve_thinking: bool = _key(False, "Reasoning templates: keep the thoughts of earlier assistant turns in the prompt (as LLaMA-Factory).", group="data")
+    default_system: str | None = _key(None, "LLaMA-Factory templates: the system prompt used when a row has none, instead of the template's own.", group="data")
     cutoff_len: int = _key(2048, "Most tokens of prompt + completion, for chosen and for rejected.", group="data", min=2)
-    truncation_mode: str = _key("keep_end", "keep_end: cut the prompt's start and the completions' end; keep_start: keep the prompt whole, cut completions' end, skip rows whose prompt fills cutoff_len.", group="data", choices=TRUNCATION_MODES, lf=None)
+    truncation_mode: str = _key("keep_end", "keep_end: cut the prompt's start and the completions' end; keep_start: keep the prompt whole, cut completions' end, skip rows whose prompt fills cutoff_len; llamafactory: LLaMA-Factory's cut (prompt and completions keep their starts, cutoff_len split by their lengths).", group="data", choices=TRUNCATION_MODES, lf=None)
     max_samples: int | None = _key(None, "Use at most this many rows of each dataset (the first ones).", group="data", min=1)
     val_size: float = _key(0.0, "Held-out share of the rows (< 1) or row count (>= 1) for evaluation.", group="data", min=0.0)
     strict: bool = _key(False, "Turn any skipped row into an error.", group="data", lf=None)
@@ -346,6 +349,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
         if not isinstance(name, str) or name not in FIELDS:  # YAML keys may be numbers, dates, null
             raise unknown_key_error(str(name))
         value = _coerce(name, value)
+        if name == "template" and value is None:
+            value = "auto"  # LLaMA-Factory's way of saying "the tokenizer's own template"
         _check_rules(name, value)
         values[name] = value
     config = Config(**values)
@@ -372,20 +377,21 @@ def _check_cross_rules(c: Config) -> None:
     if c.create_new_adapter and not c.adapter_name_or_path:
         raise DpoLeanError("config key 'create_new_adapter': true needs adapter_name_or_path (the adapters to "
                            "merge into the base before the new LoRA)")
-    if c.template not in template_names():
-        close = difflib.get_close_matches(c.template, template_names(), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise DpoLeanError(f"config key 'template': {_shown(c.template)} is not supported; choose one of: "
-                           f"{', '.join(template_names())}{hint}")
+    _check_template(c)
     for t in (x.strip() for x in c.report_to.split(",")):
         if t not in ("none", "tensorboard", "wandb", "all", ""):
             raise DpoLeanError(f"config key 'report_to': {_shown(t)} is not supported; choose none, tensorboard or wandb")
 
 
-def template_names() -> tuple[str, ...]:
-    from .data.templates import TEMPLATES
+def _check_template(c: Config) -> None:
+    from .data.templates import JINJA_TEMPLATES, check_template_name
 
-    return ("auto", *TEMPLATES)
+    check_template_name(c.template)
+    lf_only = {"enable_thinking": True, "preserve_thinking": False, "default_system": None}
+    for key, default in lf_only.items():
+        if c.template in JINJA_TEMPLATES and getattr(c, key) != default:
+            raise DpoLeanError(f"config key '{key}' works with LLaMA-Factory templates; with template: {c.template} "
+                               "the chat template decides; set template to the model's LLaMA-Factory name, or drop the key")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

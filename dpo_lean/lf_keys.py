@@ -78,9 +78,6 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     **_refuse("dpo-lean never packs sequences (each pair is its own row; prefix_sharing shares the prompt)",
               packing=(None, False), neat_packing=False),
     **_refuse("tool calls are not formatted; put them in the message text", tool_format=None),
-    **_refuse("put the system prompt in the data (system field or a system message)", default_system=None),
-    **_refuse("LF's thinking switches belong to its own templates; dpo-lean renders the template as it is",
-              enable_thinking=True, preserve_thinking=False),
     **_refuse("tokenised data is not read from or saved to a path", tokenized_path=None),
     **_refuse("each process reads the data itself", data_shared_file_system=False),
     # --- method

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import adapters, cache
 from .config import Config
+from .data.templates import prepare_tokenizer
 from .errors import DpoLeanError
 
 ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager",
@@ -59,8 +60,7 @@ def load_tokenizer(config: Config):
     except (OSError, ValueError) as e:
         raise DpoLeanError(f"config key 'model_name_or_path': cannot load a tokenizer from "
                            f"{config.model_name_or_path!r} ({_first_line(e)})") from None
-    if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
-        tokenizer.pad_token = tokenizer.eos_token
+    prepare_tokenizer(tokenizer, config)  # the template's fix-ups (LLaMA-Factory's EOS, pad, stop words)
     return tokenizer
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from dpo_lean.config import Config, from_dict, load_config, parse_override
-from dpo_lean.data.templates import TEMPLATES
 from dpo_lean.errors import DpoLeanError
 from dpo_lean.keys import key_table
 
@@ -252,9 +251,9 @@ def test_nan_is_rejected_for_bounded_numbers(tmp_path, key):
     ("pref_loss: foo", ["'pref_loss'", "'foo'", "sigmoid", "hinge", "ipo"]),
     ("stage: sft", ["'stage'", "'sft'", "dpo"]),
     ("finetuning_type: full", ["'finetuning_type'", "'full'", "lora"]),
-    ("template: qwen3", ["'template'", "'qwen3'", "auto", *TEMPLATES, "did you mean 'qwen'"]),
+    ("template: llama-3", ["'template'", "'llama-3'", "auto", "plain", "LLaMA-Factory", "did you mean 'llama3'"]),
     ("quantization_bit: 8", ["'quantization_bit'", "8", "4"]),
-    ("truncation_mode: keep_middle", ["'truncation_mode'", "'keep_middle'", "keep_end", "keep_start"]),
+    ("truncation_mode: keep_middle", ["'truncation_mode'", "'keep_middle'", "keep_end", "keep_start", "llamafactory"]),
 ])
 def test_bad_choice(tmp_path, yaml_line, fragments):
     message = one_line_error(lambda: load_config(write(tmp_path, yaml_line + "\n")), *fragments)

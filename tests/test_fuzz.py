@@ -31,7 +31,8 @@ from dpo_lean.data.formats import SKIP_REASONS, FormatSpec, normalise_rows
 from dpo_lean.data.pipeline import prepare_data, write_skip_report
 from dpo_lean.data.records import Record, Skip
 from dpo_lean.data.sources import load_records
-from dpo_lean.data.templates import TEMPLATES
+from dpo_lean.data.template_table import LF_TEMPLATES
+from dpo_lean.data.templates import template_for
 from dpo_lean.data.tokenize import tokenize_record
 from dpo_lean.errors import DpoLeanError
 
@@ -611,7 +612,7 @@ def test_regression_lone_surrogate_is_a_bad_text_skip_not_a_tokenizer_crash(tmp_
     # A Record built without the normaliser is skipped by tokenisation too, not passed to the tokenizer.
     record = Record(7, [{"role": "user", "content": "q"}], [{"role": "assistant", "content": "a\ud800"}],
                     [{"role": "assistant", "content": "b"}], location="mem row 7")
-    skip = tokenize_record(record, tiny_tokenizer, TEMPLATES["chatml"], 64, "keep_end")
+    skip = tokenize_record(record, tiny_tokenizer, LF_TEMPLATES["chatml"], 64, "keep_end")
     assert isinstance(skip, Skip) and (skip.reason, skip.source) == ("bad_text", "mem row 7")
 
 
@@ -629,13 +630,15 @@ def test_nul_rtl_combining_and_emoji_text_is_kept_and_tokenised(tmp_path, tiny_t
         assert tiny_tokenizer.decode(raw.chosen_ids) == unicodedata.normalize("NFC", text) + " yes<|im_end|>\n"
 
 
-@pytest.mark.parametrize("template, chosen, rejected", [("auto", "\u00e9", "e\u0301"),  # NFC makes them equal
-                                                         ("llama3", "Hi!", "Hi! ")])  # llama3's template trims
+@pytest.mark.parametrize("template, chosen, rejected", [
+    ("auto", "\u00e9", "e\u0301"),  # NFC makes them equal
+    ("qwen3", "<think>\nHm.\n</think>\n\nHi!", "Hi!")])  # enable_thinking false drops the thought
 def test_regression_identical_tokens_are_named_not_identical_after_truncation(tiny_tokenizer, template, chosen,
                                                                               rejected):
     record = Record(0, [{"role": "user", "content": "Say hi."}], [{"role": "assistant", "content": chosen}],
                     [{"role": "assistant", "content": rejected}])
-    chat_template = tiny_tokenizer.chat_template if template == "auto" else TEMPLATES[template]
+    keys = {"enable_thinking": False} if template == "qwen3" else {}
+    chat_template = template_for(from_dict({"template": template, **keys}), tiny_tokenizer)
     skip = tokenize_record(record, tiny_tokenizer, chat_template, 2048, "keep_end")
     assert isinstance(skip, Skip) and skip.reason == "identical_tokens"
     assert "differ as text" in skip.detail

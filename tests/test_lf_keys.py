@@ -99,16 +99,17 @@ def test_every_example_key_is_classified_and_its_value_checked(tmp_path):
                 assert str(e).startswith(f"config key '{key}'") and "\n" not in str(e), str(e)
                 outcomes[key, json.dumps(value)] = "refused"
     refused = {k for (k, _), o in outcomes.items() if o == "refused"}
-    # values dpo-lean does not support: LF's qwen3/llama3 templates beyond its own, other stages and quantisers,
-    # LF v1 keys, and a multimodal example's image/video pixel budgets.
-    assert refused == {"template", "stage", "image_max_pixels", "video_max_pixels", "export_quantization_bit",
+    # values dpo-lean does not support: other stages and quantisers, LF v1 keys, and a multimodal example's
+    # image/video pixel budgets (every example's template is accepted).
+    assert outcomes["template", json.dumps("qwen3_nothink")] == "accepted"
+    assert refused == {"stage", "image_max_pixels", "video_max_pixels", "export_quantization_bit",
                        "export_quantization_dataset", "model", "model_class", "peft_config", "kernel_config",
                        "dist_config", "quant_config", "train_dataset", "micro_batch_size", "sample_backend"}
 
 
-def test_lf_dpo_example_runs_as_it_is_but_for_its_template():
-    example = dict(EXAMPLES["examples/train_lora/qwen3_lora_dpo.yaml"])
-    config = from_dict({**example, "template": "qwen"})
+def test_lf_dpo_example_loads_as_it_is():
+    config = from_dict(dict(EXAMPLES["examples/train_lora/qwen3_lora_dpo.yaml"]))
+    assert config.template == "qwen3_nothink"
     assert (config.pref_beta, config.lora_rank, config.warmup_ratio, config.ddp_timeout) == (0.1, 8, 0.1, 180000000)
 
 
@@ -121,7 +122,7 @@ def test_an_honoured_key_with_fewer_choices_refuses_the_others():
 
 
 def test_lf_merge_example_keeps_its_meaning():
-    config = from_dict(EXAMPLES["examples/merge_lora/qwen3_lora_sft.yaml"] | {"template": "qwen"})
+    config = from_dict(EXAMPLES["examples/merge_lora/qwen3_lora_sft.yaml"])
     assert config.adapter_name_or_path == "saves/qwen3-4b/lora/sft" and config.export_size == 5
     assert config.dataset is None  # an export config: export merges adapter_name_or_path, as LF's does
 

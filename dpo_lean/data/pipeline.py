@@ -14,7 +14,7 @@ from ..errors import DpoLeanError
 from ..files import atomic_write_text
 from .records import Skip
 from .sources import load_records
-from .templates import chat_template_for
+from .templates import definition_text, template_for
 from .tokenize import TokenizedRow, tokenize_record
 
 
@@ -25,7 +25,7 @@ class PreparedData:
     num_rows: int  # rows loaded
     sources: list[dict]  # per dataset file: name, path, sha256, rows
     content_sha256: str  # hash of the normalised rows (row_index, id) as loaded, before tokenisation
-    chat_template: str = field(repr=False, default="")
+    chat_template: str = field(repr=False, default="")  # the template's definition (its Jinja, or an LF template's fields)
 
     @property
     def num_truncated(self) -> int:
@@ -46,13 +46,14 @@ def prepare_data(config: Config, tokenizer, dataset: str | None = None) -> Prepa
     """Rows of ``dataset`` (default ``config.dataset``) as token ids, with every skipped row counted."""
     require(config, "dataset")
     loaded = load_records(dataset or config.dataset, config.dataset_dir, config.max_samples)
-    template = chat_template_for(config.template, tokenizer)
+    template = template_for(config, tokenizer)
     rows, skips = [], list(loaded.skips)
     for record in loaded.records:
         out = tokenize_record(record, tokenizer, template, config.cutoff_len, config.truncation_mode)
         (skips if isinstance(out, Skip) else rows).append(out)
     skips.sort(key=lambda s: s.row_index)
-    prepared = PreparedData(rows, skips, loaded.num_rows, loaded.sources, _content_hash(loaded.records), template)
+    prepared = PreparedData(rows, skips, loaded.num_rows, loaded.sources, _content_hash(loaded.records),
+                            definition_text(template))
     _check_skips(prepared, config)
     return prepared
 

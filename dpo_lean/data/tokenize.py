@@ -1,8 +1,10 @@
 """Records -> token ids: the one tokenisation path that precompute and train both use.
 
-A completion is the token suffix of the rendered full conversation after the rendered prompt (with its
-generation prompt), split where the two diverge, exactly as TRL's DPOTrainer does. Then ``cutoff_len``
-bounds prompt + completion for each of chosen and rejected.
+With a LLaMA-Factory template the prompt, chosen and rejected ids are LF's slot encoding
+(:meth:`Template.encode_pair`). With a Jinja template (auto, plain) a completion is the token suffix of
+the rendered full conversation after the rendered prompt (with its generation prompt), split where the
+two diverge, exactly as TRL's DPOTrainer does. Then ``cutoff_len`` bounds prompt + completion for each
+of chosen and rejected.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 from .formats import lone_surrogate
 from .records import Record, Skip
+from .template_model import Template
 
 
 @dataclass
@@ -64,10 +67,15 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], cutoff_l
     completions are cut at their end to what is left.
     keep_start (TRL's default): the prompt is kept whole and the completions cut at their end; a prompt
     that alone fills ``cutoff_len`` leaves no completion token, so the row is skipped (None).
+    llamafactory (LF 0.9.5's ``infer_seqlen``): the prompt and the completions keep their starts, with
+    ``cutoff_len`` split between them by :func:`lf_seqlen`.
     """
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= cutoff_len:
         return prompt, chosen, rejected
+    if mode == "llamafactory":
+        keep, budget = lf_seqlen(len(prompt), longest, cutoff_len)
+        return prompt[:keep], chosen[:budget], rejected[:budget]
     if mode == "keep_start":
         if len(prompt) >= cutoff_len:
             return None
@@ -78,15 +86,33 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], cutoff_l
     return prompt[len(prompt) - keep:], chosen[:budget], rejected[:budget]
 
 
-def tokenize_record(record: Record, tokenizer, chat_template: str, cutoff_len: int,
+def lf_seqlen(source: int, target: int, cutoff_len: int) -> tuple[int, int]:
+    """(prompt tokens kept, completion tokens kept) as LF's ``infer_seqlen``: the completion keeps all of
+    itself if it is under half of ``cutoff_len``, else all that the prompt leaves if the prompt is under
+    half, else the share ``int(cutoff_len * target / (source + target))``; the prompt gets what is left."""
+    if target * 2 < cutoff_len:
+        max_target = cutoff_len
+    elif source * 2 < cutoff_len:
+        max_target = cutoff_len - source
+    else:
+        max_target = int(cutoff_len * (target / (source + target)))
+    kept_target = min(max_target, target)
+    return min(max(cutoff_len - kept_target, 0), source), kept_target
+
+
+def tokenize_record(record: Record, tokenizer, template: str | Template, cutoff_len: int,
                     truncation_mode: str) -> TokenizedRow | Skip:
+    """One row as token ids, or the reason it is skipped. ``template``: an LF template or a Jinja string."""
     where = record.location or record.source
     for part in ("prompt", "chosen", "rejected"):  # normalise_row skips these already; a Record built elsewhere may not
         for i, message in enumerate(getattr(record, part)):
             problem = lone_surrogate(message["content"])
             if problem:
                 return Skip(record.row_index, where, "bad_text", f"{part} message {i} {problem}")
-    prompt, chosen, rejected = split_completions(tokenizer, record, chat_template)
+    if isinstance(template, Template):
+        prompt, chosen, rejected = template.encode_pair(tokenizer, record.prompt, record.chosen, record.rejected)
+    else:
+        prompt, chosen, rejected = split_completions(tokenizer, record, template)
     if chosen == rejected:
         return Skip(record.row_index, where, "identical_tokens",
                     f"chosen and rejected differ as text but give the same {len(chosen)} tokens")
