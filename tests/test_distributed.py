@@ -159,9 +159,9 @@ NAN_ON_RANK_1 = textwrap.dedent("""
     from dpo_lean import train
     rank, real, calls, where = int(os.environ["RANK"]), train.pair_metrics, [], sys.argv[2]
 
-    def poisoned(config, logps, batch):  # a NaN loss on rank 1 at step 3 whose gradients stay finite
-        losses, stats = real(config, logps, batch)
-        if logps.requires_grad:
+    def poisoned(config, scores, batch, **kwargs):  # a NaN loss on rank 1 at step 3 whose gradients stay finite
+        losses, stats = real(config, scores, batch, **kwargs)
+        if scores["logps"].requires_grad:
             calls.append(1)
             if rank == 1 and len(calls) == 3:
                 losses = losses + float("nan")
