@@ -63,7 +63,7 @@ def report_values(stdout: str) -> dict:
     m = re.search(r"^rows truncated to cutoff_len=(\d+): (\d+)$", stdout, re.M)
     assert m, f"no truncated line in:\n{stdout}"
     out["cutoff_len"], out["rows truncated"] = int(m.group(1)), int(m.group(2))
-    out["reasons"] = {r: int(n) for r, n in re.findall(r"^  (\w+): (\d+)$", stdout, re.M)}
+    out["reasons"] = {r: int(n) for r, n in re.findall(r"^  (\w+): (\d+), first ", stdout, re.M)}
     lines = stdout.splitlines()
     header = [i for i, line in enumerate(lines) if line.split() == ["tokens", "p50", "p90", "p99", "max"]]
     assert len(header) == 1, f"no token-length table header in:\n{stdout}"
@@ -275,10 +275,31 @@ def test_skips_found_while_tokenising_name_their_row(tmp_path):
 
 
 def test_data_check_all_rows_bad(tmp_path):
-    data = write_jsonl(tmp_path / "bad.jsonl", [BAD["missing_field"], BAD["wrong_type"], BAD["empty_completion"]])
+    """Nothing kept: data-check still prints each reason's first row, its field and the fix, then fails."""
+    rows = [BAD["missing_field"], BAD["wrong_type"], BAD["empty_completion"], BAD["wrong_type"]]
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
     cfg = write_config(tmp_path, dataset=str(data))
-    assert_one_line_error(invoke("data-check", cfg), "all 3 rows were skipped", "missing_field", "wrong_type",
-                          "empty_completion")
+    result = invoke("data-check", cfg)
+    message = assert_one_line_error(result, "all 4 rows were skipped", "missing_field", "wrong_type",
+                                    "empty_completion", "the table above")
+    assert "data-check" not in message, "data-check must not send the user to data-check"
+    table = {line.split(":")[0].strip(): line for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert table["wrong_type"].startswith("  wrong_type: 2, first ")
+    expected = {"missing_field": (f"{data} line 1", "'rejected'", "add the field"),
+                "wrong_type": (f"{data} line 2", "'rejected' is", "give the field the type"),
+                "empty_completion": (f"{data} line 3", "'chosen' is empty", "fill in the completion")}
+    for reason, fragments in expected.items():
+        for fragment in fragments:
+            assert fragment in table[reason], (reason, fragment, table[reason])
+    assert "skipped_rows.json" in result.stdout
+
+
+def test_train_with_every_row_bad_names_the_first_row_and_its_fix(tmp_path):
+    data = write_jsonl(tmp_path / "bad.jsonl", [BAD["empty_completion"], BAD["missing_field"]])
+    cfg = write_config(tmp_path, dataset=str(data))
+    assert_one_line_error(invoke("precompute", cfg), "all 2 rows were skipped", f"first: {data} line 1",
+                          "empty_completion", "fix: drop the row or fill in the completion",
+                          "dpo-lean data-check CONFIG.yaml")
 
 
 # ---------------------------------------------------------------- cache-info

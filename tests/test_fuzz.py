@@ -504,7 +504,7 @@ CLI_OVERRIDE_KEYS = ["cutoff_len", "truncation_mode", "template", "max_samples",
 def report_counts(stdout: str) -> dict[str, int]:
     counts = {key: int(m.group(1)) for key in ("rows loaded", "rows kept", "rows skipped")
               if (m := re.search(rf"^{key}: (\d+)$", stdout, re.M))}
-    counts["by reason"] = {m.group(1): int(m.group(2)) for m in re.finditer(r"^  (\w+): (\d+)$", stdout, re.M)}
+    counts["by reason"] = {m.group(1): int(m.group(2)) for m in re.finditer(r"^  (\w+): (\d+), first ", stdout, re.M)}
     return counts
 
 

@@ -38,6 +38,23 @@ SKIP_REASONS: dict[str, str] = {
                 "be tokenised",
 }
 
+# What to do about each skip reason: data-check prints it beside the reason's first example.
+SKIP_FIXES: dict[str, str] = {
+    "missing_field": "add the field, or map your column to it with columns in dataset_info.json",
+    "wrong_type": "give the field the type named, or set formatting in dataset_info.json to the layout you use",
+    "empty_completion": "drop the row or fill in the completion",
+    "identical_completions": "drop the row: a pair needs two different completions",
+    "bad_turns": "make the prompt's turns alternate user/assistant and end with a user turn",
+    "not_an_object": "make each row a JSON object with the preference fields",
+    "empty_prompt": "give the row a prompt, or use a template that renders one",
+    "prompt_too_long": "raise cutoff_len or shorten the prompt",
+    "identical_after_truncation": "raise cutoff_len so the completions' difference survives truncation",
+    "identical_tokens": "drop the row: its completions tokenise to the same ids",
+    "extra_cells": "quote the CSV cells that hold commas",
+    "bad_text": "fix the text's escapes or its encoding",
+}
+assert SKIP_FIXES.keys() == SKIP_REASONS.keys()
+
 LAYOUTS: dict[str, str] = {
     "alpaca": "alpaca (instruction, [input], chosen, rejected, [system], [history])",
     "sharegpt": "sharegpt (conversations or messages, chosen, rejected, [system])",

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import Config, require
 from ..errors import DpoLeanError
 from ..files import atomic_write_text
+from .formats import SKIP_FIXES
 from .records import Skip
 from .sources import load_records
 from .templates import definition_text, template_for
@@ -42,8 +43,11 @@ def _content_hash(records) -> str:
     return h.hexdigest()
 
 
-def prepare_data(config: Config, tokenizer, dataset: str | None = None) -> PreparedData:
-    """Rows of ``dataset`` (default ``config.dataset``) as token ids, with every skipped row counted."""
+def prepare_data(config: Config, tokenizer, dataset: str | None = None, require_rows: bool = True) -> PreparedData:
+    """Rows of ``dataset`` (default ``config.dataset``) as token ids, with every skipped row counted.
+
+    ``require_rows=False`` returns even when every row was skipped (data-check reports them, then fails).
+    """
     require(config, "dataset")
     loaded = load_records(dataset or config.dataset, config.dataset_dir, config.max_samples)
     template = template_for(config, tokenizer)
@@ -55,6 +59,8 @@ def prepare_data(config: Config, tokenizer, dataset: str | None = None) -> Prepa
     prepared = PreparedData(rows, skips, loaded.num_rows, loaded.sources, _content_hash(loaded.records),
                             definition_text(template))
     _check_skips(prepared, config)
+    if require_rows:
+        check_rows_kept(prepared, config)
     return prepared
 
 
@@ -63,10 +69,28 @@ def _check_skips(data: PreparedData, config: Config) -> None:
         s = data.skips[0]
         raise DpoLeanError(f"{s.source} (row {s.row_index}): {s.reason} ({s.detail}); strict: true makes every "
                            f"skipped row an error ({len(data.skips)} row(s) would be skipped)")
-    if not data.rows:
-        counts = ", ".join(f"{k}: {v}" for k, v in data.skip_counts().most_common())
-        raise DpoLeanError(f"dataset {config.dataset!r}: all {data.num_rows} rows were skipped ({counts}); "
-                           "`dpo-lean data-check` shows why row by row")
+
+
+def check_rows_kept(data: PreparedData, config: Config, shown_above: bool = False) -> None:
+    """Raise (one line: counts, the first skipped row and its fix) if no row was kept."""
+    if data.rows:
+        return
+    counts = ", ".join(f"{k}: {v}" for k, v in data.skip_counts().most_common())
+    message = f"dataset {config.dataset!r}: all {data.num_rows} rows were skipped ({counts})"
+    if shown_above:
+        raise DpoLeanError(message + "; the table above gives the first example of each reason and its fix")
+    if data.skips:
+        s = data.skips[0]
+        message += f"; first: {s.source}: {s.reason} ({s.detail}); fix: {SKIP_FIXES[s.reason]}"
+    raise DpoLeanError(message + "; `dpo-lean data-check CONFIG.yaml` gives the first example of each reason")
+
+
+def first_skip_by_reason(data: PreparedData) -> dict[str, Skip]:
+    """The first skipped row of each reason, most frequent reason first."""
+    first: dict[str, Skip] = {}
+    for s in data.skips:
+        first.setdefault(s.reason, s)
+    return {reason: first[reason] for reason, _ in data.skip_counts().most_common()}
 
 
 def skip_summary(data: PreparedData) -> str:
