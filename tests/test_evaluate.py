@@ -67,6 +67,37 @@ def test_trained_adapter_scores_a_checkpoint_like_its_logged_eval(trained):
     assert results["adapter"] == checkpoint
 
 
+def test_evaluate_equals_a_float64_computation_of_the_sigmoid_loss(trained):
+    """Independent expected values: the trained adapter merged into a float64 copy of the dequantised base, plain
+    forwards, the cached reference values read from Parquet, and the DPO formula written out in float64."""
+    import math
+
+    import pandas as pd
+    from float64_reference import completion_logp, float64_model
+
+    from dpo_lean import modeling
+    from dpo_lean.evaluate import eval_rows
+
+    config, evals = trained
+    results = run_evaluate(config)
+    eval_set, _ = eval_rows(config)
+    plain = float64_model(modeling.load_base_model(config), config.model_name_or_path, adapter=config.output_dir)
+    ref = pd.read_parquet(config.resolved_ref_cache_dir).set_index("row_index")
+    beta, losses, chosen, rejected, wins = config.pref_beta, [], [], [], []
+    for row in eval_set.rows:
+        r_c = beta * (completion_logp(plain, row.prompt_ids, row.chosen_ids) - ref.loc[row.row_index, "ref_chosen_logps"])
+        r_r = beta * (completion_logp(plain, row.prompt_ids, row.rejected_ids) - ref.loc[row.row_index, "ref_rejected_logps"])
+        losses.append(math.log1p(math.exp(-(r_c - r_r))))  # -log sigmoid(margin)
+        chosen.append(r_c), rejected.append(r_r), wins.append(float(r_c > r_r))
+    n = len(eval_set.rows)
+    assert n == 16 and config.pref_loss == "sigmoid"
+    assert results["eval_loss"] == pytest.approx(sum(losses) / n, abs=1e-4)
+    assert results["eval_rewards/chosen"] == pytest.approx(sum(chosen) / n, abs=1e-4)
+    assert results["eval_rewards/rejected"] == pytest.approx(sum(rejected) / n, abs=1e-4)
+    assert results["eval_rewards/accuracies"] == sum(wins) / n
+    assert abs(sum(losses) / n - math.log(2)) > 1e-2  # a trained adapter, not the reference
+
+
 def test_the_cli_prints_a_table(trained, tmp_path):
     config, _ = trained
     path = tmp_path / "cfg.yaml"

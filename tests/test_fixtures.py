@@ -26,3 +26,25 @@ def test_committed_fixtures_are_fresh(tmp_path):
         assert a[column] == b[column], column
     for column in ("ref_chosen_logps", "ref_rejected_logps"):  # other CPUs may round differently
         np.testing.assert_allclose(a[column], b[column], rtol=0, atol=1e-4)
+
+
+def test_fixture_cache_values_equal_a_plain_float64_forward():
+    """An independent expected value: the reference's NF4 weights dequantised into a float64 copy of the model,
+    a plain full-logits forward, log_softmax and a sum over the completion's tokens."""
+    from float64_reference import completion_logp, float64_model
+    from make_fixtures import fixture_config
+
+    from dpo_lean import modeling
+    from dpo_lean.config import from_dict
+    from dpo_lean.data.pipeline import prepare_data
+
+    config = from_dict(fixture_config(FIXTURES))
+    plain = float64_model(modeling.load_base_model(config, reference=True), config.model_name_or_path)
+    table = cache.scan(FIXTURES / "demo" / "ref_cache").table.to_pydict()
+    cached = {i: (c, r) for i, c, r in zip(table["row_index"], table["ref_chosen_logps"], table["ref_rejected_logps"])}
+    rows = prepare_data(config, modeling.load_tokenizer(config)).rows
+    assert {r.row_index for r in rows} == set(cached)
+    for row in rows[::4]:
+        for completion, value in zip((row.chosen_ids, row.rejected_ids), cached[row.row_index]):
+            expected = completion_logp(plain, row.prompt_ids, completion)
+            assert abs(expected - value) < 1e-4, (row.row_index, expected, value)

@@ -117,27 +117,47 @@ def test_auto_shares_the_batches_where_the_prompt_outweighs_the_longer_attention
     assert collate(*prompt_heavy, pad_id=0, sharing=None)["input_ids"].shape == (2, 210)
 
 
-def test_the_cache_serves_either_layout(tiny_config, tmp_path):
+def _count_layouts(monkeypatch, module) -> dict:
+    """Wrap ``module.collate`` to count the batches it builds in each layout."""
+    counts = {"shared": 0, "two sequences": 0}
+    real = collate  # the module's own, even where an earlier call wrapped it
+
+    def counting(*args, **kwargs):
+        batch = real(*args, **kwargs)
+        counts["shared" if "position_ids" in batch else "two sequences"] += 1
+        return batch
+
+    monkeypatch.setattr(module, "collate", counting)
+    return counts
+
+
+def test_the_cache_serves_either_layout(tiny_config, tmp_path, monkeypatch):
     """A cache computed without prefix sharing passes train's fingerprint check with it, and agrees in value."""
-    from dpo_lean import cache, train
+    from dpo_lean import cache, precompute, train
     from dpo_lean.precompute import run_precompute
 
-    two = tiny_config(copy_cache=False, prefix_sharing=False, ref_cache_dir=str(tmp_path / "two"))
-    run_precompute(two)
+    counts = _count_layouts(monkeypatch, precompute)
+    run_precompute(tiny_config(copy_cache=False, prefix_sharing=True, ref_cache_dir=str(tmp_path / "one")))
+    assert counts["shared"] > 0 and counts["two sequences"] == 0, counts
+    run_precompute(tiny_config(copy_cache=False, prefix_sharing=False, ref_cache_dir=str(tmp_path / "two")))
+    assert counts["two sequences"] == counts["shared"], counts
     train.prepare_run(tiny_config(copy_cache=False, prefix_sharing=True, ref_cache_dir=str(tmp_path / "two")))
-    shared = cache.scan(tiny_config().resolved_ref_cache_dir).table.sort_by("row_index").to_pydict()
+    shared = cache.scan(tmp_path / "one").table.sort_by("row_index").to_pydict()
     separate = cache.scan(tmp_path / "two").table.sort_by("row_index").to_pydict()
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         assert max(abs(a - b) for a, b in zip(shared[column], separate[column])) < 1e-4
 
 
-def test_training_with_and_without_prefix_sharing_agrees(tiny_config, tmp_path):
+def test_training_with_and_without_prefix_sharing_agrees(tiny_config, tmp_path, monkeypatch):
     import json
 
+    from dpo_lean import train
     from dpo_lean.train import run_train
 
-    finals = []
+    finals, layouts = [], []
     for shared in (True, False):
+        counts = _count_layouts(monkeypatch, train)
+        layouts.append(counts)
         config = tiny_config(prefix_sharing=shared, max_steps=4, logging_steps=4, save_strategy="no",
                              learning_rate=5e-3, pref_beta=0.5, per_device_train_batch_size=4,
                              output_dir=str(tmp_path / f"shared-{shared}"))
@@ -145,6 +165,8 @@ def test_training_with_and_without_prefix_sharing_agrees(tiny_config, tmp_path):
         finals.append(json.loads((config.metrics_dir / "summary.json").read_text())["final"])
     for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
         assert abs(finals[0][key] - finals[1][key]) < 1e-4, key
+    assert layouts[0]["shared"] >= 4 and layouts[0]["two sequences"] == 0, layouts  # the runs compared what they say
+    assert layouts[1]["shared"] == 0 and layouts[1]["two sequences"] >= 4, layouts
     assert finals[0]["tokens_per_second"] > 0
 
 
