@@ -82,39 +82,9 @@ def main():
 @user_errors
 def data_check(config_path, overrides, show=0, dump_ids=None):
     """Load and tokenise exactly as training would; print row counts, skips and token lengths."""
-    from .config import require
-    from .data.display import render_row, write_ids
-    from .data.formats import SKIP_FIXES
-    from .data.pipeline import check_rows_kept, first_skip_by_reason, length_stats, prepare_data, skip_summary, write_skip_report
-    from .modeling import load_tokenizer
+    from .data_check import run_data_check
 
-    config = _config(config_path, overrides)
-    require(config, "model_name_or_path", "dataset")
-    tokenizer = load_tokenizer(config)
-    data = prepare_data(config, tokenizer, require_rows=False)
-    click.echo(f"dataset: {config.dataset}")
-    click.echo(f"template: {config.template}" + (" (the tokenizer's own)" if config.template == "auto" else ""))
-    click.echo(f"rows loaded: {data.num_rows}")
-    click.echo(f"rows kept: {len(data.rows)}")
-    click.echo(f"rows skipped: {len(data.skips)}")
-    counts = data.skip_counts()
-    for reason, s in first_skip_by_reason(data).items():
-        click.echo(f"  {reason}: {counts[reason]}, first {s.source}: {s.detail}; fix: {SKIP_FIXES[reason]}")
-    if not data.rows:
-        if data.skips:
-            click.echo(f"skipped rows: {write_skip_report(data, config.metrics_dir)}")
-        check_rows_kept(data, config, shown_above=True)
-    click.echo(f"rows truncated to cutoff_len={config.cutoff_len}: {data.num_truncated}")
-    click.echo(f"{'tokens':<10}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}")
-    for name, stats in length_stats(data.rows).items():
-        click.echo(f"{name:<10}" + "".join(f"{stats[k]:>8}" for k in ("p50", "p90", "p99", "max")))
-    if data.skips:
-        click.echo(f"skipped rows: {write_skip_report(data, config.metrics_dir)}")
-    click.echo(skip_summary(data))
-    for row in data.rows[:show]:
-        click.echo("\n" + render_row(tokenizer, row))
-    if dump_ids:
-        click.echo(f"ids of {len(data.rows)} kept rows: {write_ids(data.rows, dump_ids)}")
+    run_data_check(_config(config_path, overrides), show=show, dump_ids=dump_ids)
 
 
 @main.command()

@@ -47,7 +47,7 @@ def _accuracy_at_ends(history: list[dict]) -> tuple[float | None, float | None]:
 
 
 def run_demo(output: str | Path, epochs: float | None = None) -> dict:
-    from .cli import data_check
+    from .data_check import run_data_check
     from .precompute import run_precompute
     from .train import run_train
 
@@ -55,9 +55,9 @@ def run_demo(output: str | Path, epochs: float | None = None) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     config_path = write_demo_config(output, epochs)
     click.echo(f"config: {config_path}\n\n== 1/3 data-check ==")
-    data_check.callback(str(config_path), ())
-    click.echo("\n== 2/3 precompute (the reference runs once) ==")
     config = load_config(config_path)
+    run_data_check(config)
+    click.echo("\n== 2/3 precompute (the reference runs once) ==")
     run_precompute(config)
     click.echo("\n== 3/3 train (4-bit LoRA policy against the cache) ==")
     # A rerun of the demo trains afresh rather than resuming an old run's checkpoints.

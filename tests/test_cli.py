@@ -20,7 +20,7 @@ from make_fixtures import DEMO_ROWS, fixture_config
 
 from dpo_lean.cli import main
 from dpo_lean.config import Config
-from dpo_lean.data.formats import SKIP_REASONS
+from dpo_lean.data.records import SKIP_REASONS
 
 FIXTURE_CACHE = FIXTURES / "demo" / "ref_cache"
 COMMANDS = ["precompute", "train", "data-check", "cache-info", "demo", "export", "keys", "evaluate", "sweep"]

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpo_lean.data.formats import LAYOUTS, SKIP_REASONS, FormatSpec, RowSkipped, normalise_row
-from dpo_lean.data.records import row_id
+from dpo_lean.data.formats import LAYOUTS, FormatSpec, normalise_row
+from dpo_lean.data.records import SKIP_REASONS, RowSkipped, row_id
 from dpo_lean.data.sources import load_records
 from dpo_lean.errors import DpoLeanError
 
@@ -114,6 +114,22 @@ def test_sharegpt_plain_string_completions_and_tool_roles(tmp_path):
     assert [m["role"] for m in record.prompt] == ["system", "user", "assistant", "tool"]
     assert record.prompt[0]["content"] == "Be brief."
     assert record.chosen == [{"role": "assistant", "content": "It is sunny."}]
+
+
+def test_a_sharegpt_tool_list_is_a_counted_skip_not_silently_dropped(tmp_path):
+    """LF renders a tools column into the system prompt; dpo-lean does not, so it says so instead of training on
+    other prompts than the SFT run's. An empty list (as JSON text or a list) is no tool list."""
+    base = {"conversations": [{"from": "human", "value": "Weather?"}], "chosen": "Sunny.", "rejected": "Rain."}
+    tools = '[{"name": "weather", "parameters": {}}]'
+    rows = [{**base, "tools": tools}, {**base, "tools": " [] "}, {**base, "tools": []}, base,
+            {**base, "tools": [{"name": "w"}]}]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_records(str(path))
+    assert [r.row_index for r in loaded.records] == [1, 2, 3]
+    assert [(s.row_index, s.source, s.reason, s.detail) for s in loaded.skips] == [
+        (0, f"{path} line 1", "tools_not_rendered", "'tools' holds a tool list"),
+        (4, f"{path} line 5", "tools_not_rendered", "'tools' holds a tool list")]
 
 
 def test_extra_message_keys_and_columns_are_ignored(tmp_path):

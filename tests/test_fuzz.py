@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 from dpo_lean.cli import main
 from dpo_lean.config import FIELDS, Config, _allowed_types, from_dict, load_config, parse_override
-from dpo_lean.data.formats import SKIP_REASONS, FormatSpec, normalise_rows
+from dpo_lean.data.formats import FormatSpec, normalise_rows
 from dpo_lean.data.pipeline import prepare_data, write_skip_report
-from dpo_lean.data.records import Record, Skip
+from dpo_lean.data.records import SKIP_REASONS, Record, Skip
 from dpo_lean.data.sources import load_records
 from dpo_lean.data.template_table import LF_TEMPLATES
 from dpo_lean.data.templates import template_for

@@ -107,7 +107,7 @@ def test_auto_template_needs_a_chat_template(tiny_tokenizer):
 def test_a_prompt_that_renders_to_no_tokens_is_skipped_with_a_reason(tiny_tokenizer):
     """A template whose prompt rendering diverges from the full conversation at the first token leaves no prompt
     token: the row is skipped (collate could not predict the first completion token from nothing)."""
-    from dpo_lean.data.formats import SKIP_REASONS
+    from dpo_lean.data.records import SKIP_REASONS
 
     diverging = ("{% if add_generation_prompt %}<|im_start|>{% endif %}"
                  "{% for m in messages %}{{ m['content'] }}{% endfor %}")

@@ -10,50 +10,14 @@ LLaMA-Factory. Messages keep only ``role`` and ``content``; other keys are dropp
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DpoLeanError
-from .records import Message, Record, Skip
-
-SKIP_REASONS: dict[str, str] = {
-    "missing_field": "a required field is absent or null",
-    "wrong_type": "a field has the wrong type (e.g. a number where text or a message list is needed)",
-    "empty_completion": "chosen or rejected is empty or whitespace only",
-    "identical_completions": "chosen and rejected are the same, so the pair teaches nothing",
-    "bad_turns": "the prompt is empty, or its turns do not alternate user/assistant and end with a user turn",
-    "not_an_object": "the row is not a JSON object (e.g. a list, string or number)",
-    "empty_prompt": "the prompt renders to no tokens (the template's prompt and full renderings differ from the first "
-                    "token), so nothing predicts the first completion token",
-    "prompt_too_long": "the prompt alone fills cutoff_len, leaving no room for a completion",
-    "identical_after_truncation": "chosen and rejected become identical once truncated to cutoff_len",
-    "identical_tokens": "chosen and rejected differ as text but not as tokens (the tokenizer's Unicode normalisation or "
-                        "the template's trimming makes them equal)",
-    "extra_cells": "a CSV row has more cells than the header has columns (often an unquoted comma), so its cells "
-                   "cannot be matched to columns",
-    "bad_text": "a text holds a lone surrogate (e.g. \\ud800 from a broken JSON escape): not valid Unicode, so it cannot "
-                "be tokenised",
-}
-
-# What to do about each skip reason: data-check prints it beside the reason's first example.
-SKIP_FIXES: dict[str, str] = {
-    "missing_field": "add the field, or map your column to it with columns in dataset_info.json",
-    "wrong_type": "give the field the type named, or set formatting in dataset_info.json to the layout you use",
-    "empty_completion": "drop the row or fill in the completion",
-    "identical_completions": "drop the row: a pair needs two different completions",
-    "bad_turns": "make the prompt's turns alternate user/assistant and end with a user turn",
-    "not_an_object": "make each row a JSON object with the preference fields",
-    "empty_prompt": "give the row a prompt, or use a template that renders one",
-    "prompt_too_long": "raise cutoff_len or shorten the prompt",
-    "identical_after_truncation": "raise cutoff_len so the completions' difference survives truncation",
-    "identical_tokens": "drop the row: its completions tokenise to the same ids",
-    "extra_cells": "quote the CSV cells that hold commas",
-    "bad_text": "fix the text's escapes or its encoding",
-}
-assert SKIP_FIXES.keys() == SKIP_REASONS.keys()
+from .records import Message, Record, RowSkipped, Skip, UnusableRow
+from .text import lone_surrogate, printable
 
 LAYOUTS: dict[str, str] = {
     "alpaca": "alpaca (instruction, [input], chosen, rejected, [system], [history])",
@@ -69,28 +33,8 @@ SHAREGPT_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected":
 USER_SIDE = frozenset({"user", "tool"})
 ASSISTANT_SIDE = frozenset({"assistant"})
 _AUTO_ORDER = ("sharegpt", "alpaca", "trl", "trl_implicit")
-_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, any surrogate code point is a lone (unpaired) one
 _JSON_CELLS = {"alpaca": {"history"}, "sharegpt": {"messages", "chosen", "rejected"},
                "trl": {"prompt", "chosen", "rejected"}, "trl_implicit": {"chosen", "rejected"}}
-
-
-class RowSkipped(Exception):
-    """Raised while normalising a row that must be skipped; carries a SKIP_REASONS key and a detail."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        assert reason in SKIP_REASONS, reason
-        detail = printable(detail)
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-@dataclass(frozen=True)
-class UnusableRow:
-    """A row its file reader could not take apart (e.g. a CSV row with more cells than the header): a counted skip."""
-
-    reason: str  # a SKIP_REASONS key
-    detail: str
-    data: dict = field(default_factory=dict)  # what could be read, for layout detection only
 
 
 @dataclass(frozen=True)
@@ -412,6 +356,10 @@ def normalise_row(data: Any, layout: str, spec: FormatSpec) -> tuple[list[Messag
         raise RowSkipped("not_an_object", f"row is {_type_name(data)}, expected an object")
     row = _Row(data, spec, layout)
     prompt, chosen, rejected = _PARSERS[layout](row)
+    tools = row.get("tools") if layout == "sharegpt" else None
+    if tools not in (None, [], {}) and (not isinstance(tools, str) or tools.strip() not in ("", "[]", "{}")):
+        # LF puts the tool list in the system prompt; training without it would not match the SFT run's prompts
+        raise RowSkipped("tools_not_rendered", f"'{row.column('tools')}' holds a tool list")
     for key, messages in (("chosen", chosen), ("rejected", rejected)):
         if not any(m["content"].strip() for m in messages):
             raise RowSkipped("empty_completion", f"'{row.column(key)}' is empty")
@@ -424,19 +372,6 @@ def normalise_row(data: Any, layout: str, spec: FormatSpec) -> tuple[list[Messag
                 where = f"'{part}'" + (f" message {i} ({message['role']})" if part == "prompt" or len(messages) > 1 else "")
                 raise RowSkipped("bad_text", f"{where} {problem}; fix the text (its escapes or its encoding)")
     return prompt, chosen, rejected
-
-
-def printable(text: str) -> str:
-    """``text`` with line breaks, control and format characters and lone surrogates as escapes: one safe line."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-def lone_surrogate(text: str) -> str | None:
-    """'has a lone surrogate \\ud800 at character N' if ``text`` has one (it cannot be encoded or tokenised), else None."""
-    match = _SURROGATE.search(text)
-    return f"has a lone surrogate \\u{ord(match.group()):04x} at character {match.start()}" if match else None
 
 
 def normalise_rows(rows: Sequence[tuple[str, Any]], *, name: str, label: str, spec: FormatSpec,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +11,10 @@ from pathlib import Path
 from ..config import Config, require
 from ..errors import DpoLeanError
 from ..files import atomic_write_text
-from .formats import SKIP_FIXES
-from .records import Skip
+from .records import SKIP_FIXES, Skip
 from .sources import load_records
 from .templates import definition_text, template_for
+from .text import escape_surrogates
 from .tokenize import TokenizedRow, tokenize_record
 
 
@@ -112,12 +111,10 @@ def write_skip_report(data: PreparedData, directory: Path) -> Path:
     path = Path(directory) / "skipped_rows.json"
     text = json.dumps(report, indent=1, ensure_ascii=False)
     # A lone surrogate (a file name from undecodable bytes) cannot be written as UTF-8; JSON escapes it.
-    text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    text = escape_surrogates(text)
     atomic_write_text(path, text + "\n")
     return path
 
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _percentile(sorted_values: list[int], q: float) -> int:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .formats import lone_surrogate
 from .records import Record, Skip
 from .template_model import Template
+from .text import lone_surrogate
 
 
 @dataclass
