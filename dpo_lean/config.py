@@ -10,8 +10,6 @@ import dataclasses
 import difflib
 import math
 import os
-import reprlib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from . import config_values
+from .config_values import shown
 from .errors import DpoLeanError
 from .loss_catalog import F_DIVERGENCE_LOSSES, F_DIVERGENCES, PREF_LOSSES, check_loss_keys, needs_reference, parse_losses
 
@@ -201,10 +201,10 @@ class Config:
         try:
             weights = [float(w) for w in self.pref_loss_weights.split(",")]
         except ValueError:
-            raise DpoLeanError(f"config key 'pref_loss_weights': {_shown(self.pref_loss_weights)} must be numbers "
+            raise DpoLeanError(f"config key 'pref_loss_weights': {shown(self.pref_loss_weights)} must be numbers "
                                "separated by commas (0.8,0.2,1.0)") from None
         if not all(math.isfinite(w) for w in weights):
-            raise DpoLeanError(f"config key 'pref_loss_weights': {_shown(self.pref_loss_weights)} must be finite")
+            raise DpoLeanError(f"config key 'pref_loss_weights': {shown(self.pref_loss_weights)} must be finite")
         return weights
 
     @property
@@ -230,93 +230,13 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 
 
-def _allowed_types(name: str) -> tuple[type, ...]:
-    hint = _HINTS[name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return tuple(typing.get_args(hint))
-    return (hint,)
-
-
-def _describe(types_: tuple[type, ...]) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    return " or ".join(names[t] for t in types_)
-
-
-_REPR = reprlib.Repr()  # (keyword arguments need Python 3.12)
-_REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 4, 4
-
-
-def _shown(value: Any) -> str:
-    """A short repr for messages (a 200k-character string or a YAML alias bomb stays one short line)."""
-    try:
-        return _REPR.repr(value)
-    except ValueError:  # an integer of over 4300 digits has no repr
-        return f"a {type(value).__name__} too large to show"
+def allowed_types(name: str) -> tuple[type, ...]:
+    """The types a key's value may have (its annotation's union members)."""
+    return config_values.types_of(_HINTS[name])
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Return ``value`` as the key's type, or raise a one-line error naming key, value and what is allowed."""
-    allowed = _allowed_types(name)
-    if value is None and type(None) in allowed:
-        return None
-    if isinstance(value, bool):
-        if bool in allowed:
-            return value
-        if value is False and "no" in (FIELDS[name].metadata["choices"] or ()):
-            return "no"  # YAML 1.1 reads an unquoted `save_strategy: no` as false
-    elif isinstance(value, int):
-        if int in allowed:
-            return value
-        if float in allowed:
-            try:
-                return float(value)
-            except OverflowError:
-                raise DpoLeanError(f"config key '{name}': {_shown(value)} is too large; use a finite number") from None
-    elif isinstance(value, float):
-        if float in allowed:
-            return value
-        if int in allowed and value.is_integer():
-            return int(value)
-    elif isinstance(value, str):
-        if bool in allowed and value.lower() in ("true", "false"):  # prefix_sharing=true on the command line
-            return value.lower() == "true"
-        if str in allowed:
-            return value
-        # YAML 1.1 reads "5e-6" as a string; LLaMA-Factory users write it, so accept numbers in strings.
-        for t in (int, float):
-            if t in allowed:
-                try:
-                    return t(value)
-                except ValueError:
-                    pass
-    elif isinstance(value, list) and str in allowed and all(isinstance(v, str) for v in value):
-        return ",".join(value)  # lora_target: [q_proj, v_proj], dataset: [a, b], report_to: [wandb]
-    elif (isinstance(value, list) and str in allowed and FIELDS[name].metadata["comma_list"]
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        return ",".join(map(str, value))  # pref_loss_weights: [0.8, 0.2, 1.0]
-    raise DpoLeanError(f"config key '{name}': {_shown(value)} is not allowed; expected {_describe(allowed)}")
-
-
-def _check_rules(name: str, value: Any) -> None:
-    meta = FIELDS[name].metadata
-    choices = meta["choices"]
-    if choices is not None and value not in choices:
-        shown = ", ".join("null" if c is None else str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
-        raise DpoLeanError(f"config key '{name}': {_shown(value)} is not supported; choose one of: {shown}")
-    if isinstance(value, str) and "\x00" in value:
-        raise DpoLeanError(f"config key '{name}': {_shown(value)} contains a NUL byte; remove it")
-    if isinstance(value, float) and math.isinf(value):
-        raise DpoLeanError(f"config key '{name}': {_shown(value)} is not allowed; use a finite number")
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return
-    lo, hi = meta["min"], meta["max"]
-    nan = isinstance(value, float) and math.isnan(value)
-    if lo is not None and (nan or value < lo or (meta["min_exclusive"] and value == lo)):
-        bound = f"> {lo}" if meta["min_exclusive"] else f">= {lo}"
-        raise DpoLeanError(f"config key '{name}': {_shown(value)} is out of range; it must be {bound}")
-    if hi is not None and (nan or value > hi or (meta["max_exclusive"] and value == hi)):
-        bound = f"< {hi}" if meta["max_exclusive"] else f"<= {hi}"
-        raise DpoLeanError(f"config key '{name}': {_shown(value)} is out of range; it must be {bound}")
+    return config_values.coerce(name, value, allowed_types(name), FIELDS[name].metadata)
 
 
 def unknown_key_error(name: str) -> DpoLeanError:
@@ -328,7 +248,7 @@ def unknown_key_error(name: str) -> DpoLeanError:
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` with the value read as YAML (so numbers, booleans and null have their types)."""
     if "=" not in text:
-        raise DpoLeanError(f"override {_shown(text)} must look like key=value")
+        raise DpoLeanError(f"override {shown(text)} must look like key=value")
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
     try:
@@ -351,7 +271,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         value = _coerce(name, value)
         if name == "template" and value is None:
             value = "auto"  # LLaMA-Factory's way of saying "the tokenizer's own template"
-        _check_rules(name, value)
+        config_values.check_rules(name, value, FIELDS[name].metadata)
         values[name] = value
     config = Config(**values)
     _check_cross_rules(config)
@@ -380,7 +300,7 @@ def _check_cross_rules(c: Config) -> None:
     _check_template(c)
     for t in (x.strip() for x in c.report_to.split(",")):
         if t not in ("none", "tensorboard", "wandb", "all", ""):
-            raise DpoLeanError(f"config key 'report_to': {_shown(t)} is not supported; choose none, tensorboard or wandb")
+            raise DpoLeanError(f"config key 'report_to': {shown(t)} is not supported; choose none, tensorboard or wandb")
 
 
 def _check_template(c: Config) -> None:

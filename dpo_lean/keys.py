@@ -10,7 +10,7 @@ import dataclasses
 import textwrap
 
 from . import lf_keys
-from .config import FIELDS, Config, _allowed_types
+from .config import FIELDS, Config, allowed_types
 
 
 def lf_status(name: str) -> str | None:
@@ -52,7 +52,7 @@ def _shown(value) -> str:
 
 def _type_name(name: str) -> str:
     return " or ".join({bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}[t]
-                      for t in _allowed_types(name))
+                      for t in allowed_types(name))
 
 
 def _markdown_cell(text: str) -> str:

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from dpo_lean.cli import main
-from dpo_lean.config import FIELDS, Config, _allowed_types, from_dict, load_config, parse_override
+from dpo_lean.config import FIELDS, Config, allowed_types, from_dict, load_config, parse_override
 from dpo_lean.data.formats import FormatSpec, normalise_rows
 from dpo_lean.data.pipeline import prepare_data, write_skip_report
 from dpo_lean.data.records import SKIP_REASONS, Record, Skip
@@ -452,7 +452,7 @@ def assert_valid_config(config: Config, raw: dict) -> None:
     """Every given key holds a value of its declared type; numbers are finite."""
     for name in raw:
         value = getattr(config, name)
-        assert isinstance(value, _allowed_types(name)), (name, value)
+        assert isinstance(value, allowed_types(name)), (name, value)
         if isinstance(value, float):
             assert math.isfinite(value) or (math.isnan(value) is False), (name, value)
 
