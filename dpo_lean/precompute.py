@@ -179,7 +179,9 @@ def run_precompute(config: Config) -> dict:
     n_rows = sum(len(b) for _, batches in todo for b in batches)
     layout = describe_layout(sharing)
     click.echo(modeling.describe_reference(config))
-    click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}, {layout} -> {cache_dir}")
+    cached = sum(r.id in done for r in rows)
+    kept = f" ({cached} of {len(rows)} rows already cached, kept)" if cached else ""
+    click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}{kept}, {layout} -> {cache_dir}")
     t0 = time.perf_counter()
     try:
         with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:

@@ -170,3 +170,19 @@ def test_each_writer_writes_its_part_under_a_name_of_its_own(tmp_path, monkeypat
     cache.write_part(tmp_path, cache.part_name(0, ["r0"]), columns, fp)
     assert seen[0].name.endswith(f".{os.getpid()}.tmp") and f".{cache._host()}." in seen[0].name
     assert cache.scan(tmp_path).complete
+
+
+def test_a_cache_made_from_a_hub_id_serves_its_commit_and_its_snapshot_folder(tiny_config, tmp_path):
+    """Before: `main` vs its commit sha (model.revision) and the hub id vs its snapshot folder (model.commit)
+    were refused as different models. The tiny model in a hub cache layout, offline."""
+    from dpo_lean import train
+    from dpo_lean.precompute import run_precompute
+
+    hub = tmp_path / "hub"
+    files = {p.name: p.read_bytes() for p in (FIXTURES / "tiny-model").iterdir()}
+    snap = _fake_hub(hub, "org/tiny", COMMIT_A, files)
+    run = dict(copy_cache=False, ref_cache_dir=str(tmp_path / "cache"), max_samples=8, cache_dir=str(hub))
+    assert run_precompute(tiny_config(model_name_or_path="org/tiny", **run))["rows"] == 8
+    for name, revision in (("org/tiny", COMMIT_A), (str(snap), "main")):
+        ref = train.prepare_run(tiny_config(model_name_or_path=name, model_revision=revision, **run))[3]
+        assert len(ref) == 8, name
