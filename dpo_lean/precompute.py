@@ -167,8 +167,9 @@ def run_precompute(config: Config) -> dict:
     plan = plan_parts(rows, config.precompute_ref_batch_size, config.cache_part_rows)
     todo = list(pending_parts(plan, done, num_shards, shard_index))
     shard = f" (shard {shard_index + 1} of {num_shards})" if num_shards > 1 else ""
+    cached = sum(r.id in done for r in rows)
     if not todo:
-        click.echo(f"cache {cache_dir}: nothing to compute{shard}; {len(rows)} rows already cached")
+        click.echo(f"cache {cache_dir}: nothing to compute{shard}; {cached} of {len(rows)} rows already cached")
         return _finish(cache_dir, {"rows": 0, "tokens": 0, "seconds": 0.0})
 
     dev = modeling.device()
@@ -179,7 +180,6 @@ def run_precompute(config: Config) -> dict:
     n_rows = sum(len(b) for _, batches in todo for b in batches)
     layout = describe_layout(sharing)
     click.echo(modeling.describe_reference(config))
-    cached = sum(r.id in done for r in rows)
     kept = f" ({cached} of {len(rows)} rows already cached, kept)" if cached else ""
     click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}{kept}, {layout} -> {cache_dir}")
     t0 = time.perf_counter()
