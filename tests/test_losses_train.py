@@ -30,7 +30,7 @@ RUN = dict(per_device_train_batch_size=64, max_steps=2, logging_steps=1, save_st
 def ref():
     """The fixture cache's columns, float64: the policy's own log-probs at step 0."""
     table = pads.dataset(FIXTURES / "demo" / "ref_cache", format="parquet").to_table().to_pydict()
-    return {k: np.asarray(v, dtype=np.float64) for k, v in table.items() if k != "id"}
+    return {k: np.asarray(v, dtype=np.float64) for k, v in table.items() if k not in ("id", "ids_sha256")}
 
 
 def sft0(r):
@@ -168,7 +168,7 @@ def ld_config(tiny_config, tmp_path):
 
 def test_ld_alpha_trains_on_the_tail_columns(ld_config):
     table = pads.dataset(ld_config.resolved_ref_cache_dir, format="parquet").to_table().to_pydict()
-    c = {k: np.asarray(v, dtype=np.float64) for k, v in table.items() if k != "id"}
+    c = {k: np.asarray(v, dtype=np.float64) for k, v in table.items() if k not in ("id", "ids_sha256")}
     longer = c["chosen_tokens"] > c["rejected_tokens"]
     assert longer.any() and (~longer & (c["chosen_tokens"] != c["rejected_tokens"])).any()
     assert (c["ref_chosen_tail_logps"][~longer] == 0).all() and (c["ref_chosen_tail_logps"][longer] < 0).all()
