@@ -160,6 +160,9 @@ def run_precompute(config: Config) -> dict:
     fingerprint = build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
     cache_dir = config.resolved_ref_cache_dir
     rows = distinct_rows(data.rows)
+    if len(rows) < len(data.rows):
+        click.echo(f"precompute: {len(data.rows) - len(rows)} rows repeat another row's content (same id); "
+                   f"{len(rows)} distinct rows, each cached once and used by all its copies")
     cache.open_for_writing(cache_dir, fingerprint, {r.id: r.row_index for r in rows}, config.overwrite_cache)
     done = _usable_rows(cache_dir, rows)
 

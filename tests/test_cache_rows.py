@@ -103,3 +103,16 @@ def test_a_row_cached_from_other_token_ids_is_refused_by_train_and_recomputed_by
     summary = run_precompute(config)  # removes the part holding it and recomputes that part's rows
     assert summary["complete"] and summary["rows"] == 16
     assert len(train.prepare_run(config)[3]) == 64
+
+
+def test_rows_of_the_same_content_are_cached_once_and_serve_every_copy(tiny_config, tmp_path):
+    folder = tmp_path / "repeats"
+    folder.mkdir()
+    shutil.copy(FIXTURES / "demo" / "dataset_info.json", folder)
+    rows = json.loads((FIXTURES / "demo" / "demo_case.json").read_text())
+    (folder / "demo_case.json").write_text(json.dumps(rows + rows[:3]))  # 67 rows, 3 of them repeats
+    config = tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "cache"), dataset_dir=str(folder))
+    summary = run_precompute(config)
+    assert summary["rows"] == 64 and summary["complete"]
+    _, data, _, ref = train.prepare_run(config)
+    assert len(data.rows) == 67 and len(ref) == 64 and all(r.id in ref for r in data.rows)
