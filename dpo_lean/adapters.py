@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 from torch import nn
 
-from .cache import adapter_fingerprint
 from .errors import DpoLeanError
+from .fingerprint import adapter_fingerprint
 
 _MERGE_FIRST = ("merge them first with `dpo-lean export` (model_name_or_path, adapter_name_or_path and export_dir, no "
                 "dataset) and use the merged model as model_name_or_path")

@@ -3,15 +3,17 @@
 Layout (any Parquet reader reads the directory; names starting with "_" or "." are ignored by them):
 
     ref_cache/
-      _manifest.json                 fingerprint, expected rows, run summaries
+      _manifest.json                 fingerprint (fingerprint.py), expected rows, run summaries
+      _expected.parquet               id, row_index of every row of the dataset precompute last ran on
       part-00000-<digest>.parquet     row_index, id, ref_chosen_logps, ref_rejected_logps,
       part-00001-<digest>.parquet     ref_chosen_tail_logps, ref_rejected_tail_logps,
-                                      chosen_tokens, rejected_tokens, prompt_tokens
-      .part-....tmp                   a part being written (renamed when complete)
+                                      chosen_tokens, rejected_tokens, prompt_tokens, ids_sha256
+      .part-....<host>.<pid>.tmp      a part being written by that process (renamed when complete)
 
-Every part carries the fingerprint in its key-value metadata. Rows are planned into parts
-deterministically, so a rerun recomputes exactly the missing parts with the same batches, and the
-final cache equals an uninterrupted run's.
+Rows are identified by their content ``id``: a dataset with rows added keeps every cached row and computes
+only the new ones; rows no longer in the dataset stay, unused. Every part carries the fingerprint in its
+key-value metadata. Rows are planned into parts deterministically, so a rerun recomputes exactly the missing
+parts with the same batches, and the final cache equals an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,12 +32,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
 from .errors import DpoLeanError
 from .files import atomic_write_text
+from .fingerprint import FORMAT_VERSION, fingerprint_diff, fingerprint_digest, sha256_bytes
 
-FORMAT_VERSION = 2  # 2: + the tail columns (LD-DPO)
 MANIFEST = "_manifest.json"
+EXPECTED = "_expected.parquet"
 META_FINGERPRINT = b"dpo_lean.fingerprint"
 META_DIGEST = b"dpo_lean.fingerprint_sha256"
 SCHEMA = pa.schema([
@@ -42,136 +46,23 @@ SCHEMA = pa.schema([
     # the sum over the completion's tokens past the pair's shorter completion (0 for the shorter one): LD-DPO
     ("ref_chosen_tail_logps", pa.float32()), ("ref_rejected_tail_logps", pa.float32()),
     ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32()), ("prompt_tokens", pa.int32()),
+    ("ids_sha256", pa.string()),  # of the prompt, chosen and rejected token ids (after truncation): ids_digest
 ])
-# Recorded, never compared: where things were found and which dpo-lean wrote them; the content fields decide.
-INFORMATIONAL = {"dpo_lean_version", "dataset.sources", "dataset.spec", "dataset.max_samples", "model.name_or_path",
-                 "reference.model.name_or_path", "reference.adapter_paths"}
-
-# ---------------------------------------------------------------- fingerprint
+EXPECTED_SCHEMA = pa.schema([("id", pa.string()), ("row_index", pa.int64())])
+REBUILD = "rerun `dpo-lean precompute CONFIG.yaml overwrite_cache=true` to rebuild it"
 
 
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def ids_digest(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int]) -> str:
+    """A row's token ids as one hash: what train checks a cached row against."""
+    text = "|".join(",".join(map(str, ids)) for ids in (prompt_ids, chosen_ids, rejected_ids))
+    return sha256_bytes(text.encode())[:32]
 
 
-def _weights_digest(files: list[Path], block: int = 1 << 20) -> str:
-    """Cheap content digest of weight files: name, size, safetensors header, and 3 sampled 1 MiB blocks each."""
-    h = hashlib.sha256()
-    for f in sorted(files):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}\n".encode())
-        with open(f, "rb") as fh:
-            for offset in sorted({0, max(0, size // 2 - block // 2), max(0, size - block)}):
-                fh.seek(offset)
-                h.update(fh.read(block))
-    return h.hexdigest()
-
-
-def model_fingerprint(name_or_path: str, revision: str = "main", cache_dir: str | None = None,
-                      key: str = "model_name_or_path") -> dict:
-    """Identify the weights without loading them: local files by a cheap digest, hub models by commit.
-
-    ``key``: the config key that names the model, for errors (model_name_or_path, ref_model).
-    """
-    local = Path(name_or_path)
-    if local.is_dir():
-        config_file = local / "config.json"
-        weights = [p for p in local.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
-        commit = None
-    else:
-        from transformers.utils import cached_file
-
-        try:
-            config_file = Path(cached_file(name_or_path, "config.json", revision=revision, cache_dir=cache_dir))
-        except (OSError, ValueError) as e:
-            raise DpoLeanError(f"config key '{key}': {name_or_path!r} is neither a local directory "
-                               f"nor a reachable hub model ({str(e).splitlines()[0]})") from None
-        commit, weights = config_file.parent.name, []  # the snapshot folder is named by the commit
-    if not config_file.is_file():
-        raise DpoLeanError(f"config key '{key}': {name_or_path!r} has no config.json")
-    return {"name_or_path": str(name_or_path), "revision": revision, "commit": commit,
-            "config_sha256": _sha256_bytes(config_file.read_bytes()),
-            "weights_sha256": _weights_digest(weights) if weights else None}
-
-
-def adapter_fingerprint(name_or_path: str, revision: str = "main", cache_dir: str | None = None,
-                        key: str = "adapter_name_or_path") -> dict:
-    """Identify a PEFT adapter without loading it: its adapter_config.json and weight files (local), or its
-    hub commit. The path is left out (the caller records it apart, as information)."""
-    local = Path(name_or_path)
-    if local.is_dir():
-        config_file, commit = local / "adapter_config.json", None
-        weights = [p for p in local.iterdir() if p.name.startswith("adapter_model.") and p.is_file()]
-    else:
-        from transformers.utils import cached_file
-
-        try:
-            config_file = Path(cached_file(name_or_path, "adapter_config.json", revision=revision, cache_dir=cache_dir))
-        except (OSError, ValueError) as e:
-            raise DpoLeanError(f"config key '{key}': {name_or_path!r} is neither a local adapter folder nor a "
-                               f"reachable hub adapter ({str(e).splitlines()[0]})") from None
-        commit, weights = config_file.parent.name, []
-    if not config_file.is_file():
-        raise DpoLeanError(f"config key '{key}': {name_or_path!r} holds no adapter (adapter_config.json); "
-                           "name the folder a PEFT save_pretrained wrote")
-    return {"commit": commit, "config_sha256": _sha256_bytes(config_file.read_bytes()),
-            "weights_sha256": _weights_digest(weights) if weights else None}
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
-    return _sha256_bytes((body + specials).encode())
-
-
-def build_fingerprint(config, tokenizer, data, reference: dict) -> dict:
-    """Everything the cached values depend on. ``reference``: how the reference is loaded (modeling.reference_spec:
-    precision, quantization, dtype; and, when set, its own model and its adapters)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "model": model_fingerprint(config.model_name_or_path, config.model_revision, config.cache_dir),
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
-        "template": config.template,
-        "template_sha256": _sha256_bytes(data.chat_template.encode()),
-        "cutoff_len": config.cutoff_len,
-        "truncation_mode": config.truncation_mode,
-        "reference": reference,
-        "dataset": {"spec": config.dataset, "max_samples": config.max_samples, "rows": data.num_rows,
-                    "content_sha256": data.content_sha256, "sources": data.sources},
-        "dpo_lean_version": __version__,
-    }
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def fingerprint_digest(fp: dict) -> str:
-    compared = {k: v for k, v in _flatten(fp).items() if k not in INFORMATIONAL}
-    return _sha256_bytes(json.dumps(compared, sort_keys=True, default=str).encode())
-
-
-def fingerprint_diff(cached: dict, current: dict) -> list[str]:
-    """Compared fields whose values differ, as 'field: cached -> current'."""
-    a, b = _flatten(cached), _flatten(current)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key not in INFORMATIONAL and a.get(key) != b.get(key):
-            diffs.append(f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}")
-    return diffs
-
-
-def _short(v) -> str:
-    s = str(v)
-    return s[:12] + "…" if len(s) > 16 and all(c in "0123456789abcdef" for c in s) else s
+def check_format(cache_dir: Path, manifest: dict) -> None:
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise DpoLeanError(f"cache {cache_dir} has format {version}, this dpo-lean reads format {FORMAT_VERSION} "
+                           f"(per-row ids hashes, rows matched by id); {REBUILD}")
 
 
 # ---------------------------------------------------------------- writing
@@ -203,10 +94,11 @@ def read_manifest(cache_dir: Path) -> dict | None:
                            "it") from None
 
 
-def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[int, str], overwrite: bool) -> None:
-    """Create the cache (or check an existing one matches ``fingerprint``) and clear half-written parts.
+def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[str, int], overwrite: bool) -> None:
+    """Create the cache (or check an existing one matches ``fingerprint``), record the rows this run's dataset
+    holds, and remove this host's temporary parts whose writer is gone (never a live writer's).
 
-    ``expected`` maps row_index -> id for every row the complete cache will hold.
+    ``expected`` maps id -> row_index for every (distinct) row of this run's dataset.
     """
     cache_dir = Path(cache_dir)
     try:
@@ -214,8 +106,11 @@ def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[int, str
     except OSError as e:
         raise DpoLeanError(f"cannot create cache directory {cache_dir}: {e.strerror or e}") from None
     with _locked(cache_dir):
-        manifest = _sound_manifest(cache_dir, fingerprint, expected)
-        if manifest is not None and manifest.get("fingerprint_sha256") != fingerprint_digest(fingerprint):
+        manifest = _sound_manifest(cache_dir, fingerprint)
+        if manifest is not None and (manifest.get("format_version") != FORMAT_VERSION
+                                     or manifest.get("fingerprint_sha256") != fingerprint_digest(fingerprint)):
+            if manifest.get("format_version") != FORMAT_VERSION and not overwrite:
+                check_format(cache_dir, manifest)
             diffs = fingerprint_diff(manifest.get("fingerprint", {}), fingerprint)
             if not overwrite:
                 raise DpoLeanError(
@@ -226,19 +121,19 @@ def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[int, str
         elif manifest is None and not (cache_dir / MANIFEST).exists() and any(cache_dir.glob("part-*.parquet")):
             raise DpoLeanError(f"{cache_dir} holds Parquet parts but no {MANIFEST}; it is not a complete dpo-lean "
                                "cache: delete it or choose another ref_cache_dir")
-        for tmp in cache_dir.glob(".part-*.tmp"):
-            tmp.unlink(missing_ok=True)  # left by a killed run: never complete, never read
-        if manifest is None:
-            manifest = {"format_version": FORMAT_VERSION, "fingerprint_sha256": fingerprint_digest(fingerprint),
-                        "fingerprint": fingerprint, "expected_rows": len(expected),
-                        "rows_sha256": rows_digest(expected), "created": _now(), "runs": []}
+        remove_stale_temporaries(cache_dir)
+        manifest = manifest or {"format_version": FORMAT_VERSION, "created": _now(), "runs": []}
+        before = dict(manifest)
+        manifest.update(fingerprint_sha256=fingerprint_digest(fingerprint), fingerprint=fingerprint,
+                        expected_rows=len(expected), rows_sha256=rows_digest(expected))
+        if manifest != before or _read_expected(cache_dir, manifest) is None:
+            _write_expected(cache_dir, expected)
             atomic_write_json(cache_dir / MANIFEST, manifest)
 
 
-def _sound_manifest(cache_dir: Path, fingerprint: dict, expected: dict[int, str]) -> dict | None:
+def _sound_manifest(cache_dir: Path, fingerprint: dict) -> dict | None:
     """The manifest, or None (to be rewritten) when it was damaged: unreadable, or edited out of agreement
-    with its own digest or with the rows of this run's (same) fingerprint. Parts carry the fingerprint
-    digest themselves, so the ones that match it are kept."""
+    with its own digest. Parts carry the fingerprint digest themselves, so the ones that match it are kept."""
     from click import echo
 
     try:
@@ -248,47 +143,107 @@ def _sound_manifest(cache_dir: Path, fingerprint: dict, expected: dict[int, str]
         return None
     if manifest is None:
         return None
-    consistent = (isinstance(manifest, dict) and isinstance(manifest.get("fingerprint"), dict)
-                  and manifest.get("fingerprint_sha256") == fingerprint_digest(manifest["fingerprint"]))
-    if consistent and manifest["fingerprint_sha256"] != fingerprint_digest(fingerprint):
-        return manifest  # a sound cache of something else: the caller refuses or overwrites it
-    if consistent and (manifest.get("expected_rows"), manifest.get("rows_sha256")) == (len(expected),
-                                                                                       rows_digest(expected)):
+    if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
+        return manifest  # an older format: the caller refuses or overwrites it
+    if (isinstance(manifest, dict) and isinstance(manifest.get("fingerprint"), dict)
+            and manifest.get("fingerprint_sha256") == fingerprint_digest(manifest["fingerprint"])):
         return manifest
     echo(f"cache: {cache_dir / MANIFEST} was edited or damaged; rewriting it from this run's fingerprint, "
          "parts that match it are kept", err=True)
     return None
 
 
+def _write_expected(cache_dir: Path, expected: dict[str, int]) -> None:
+    table = pa.table({"id": list(expected), "row_index": list(expected.values())}, schema=EXPECTED_SCHEMA)
+    tmp = cache_dir / f".{EXPECTED}.{_writer()}.tmp"
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, cache_dir / EXPECTED)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DpoLeanError(f"cannot write {cache_dir / EXPECTED}: {e.strerror or e}") from None
+
+
+def _read_expected(cache_dir: Path, manifest: dict) -> dict[str, int] | None:
+    """id -> row_index of the rows the manifest expects, or None when the file is missing or disagrees with it."""
+    try:
+        table = pq.read_table(Path(cache_dir) / EXPECTED)
+    except Exception:  # missing, truncated, not Parquet
+        return None
+    if not table.schema.equals(EXPECTED_SCHEMA, check_metadata=False):
+        return None
+    expected = dict(zip(table.column("id").to_pylist(), table.column("row_index").to_pylist()))
+    return expected if rows_digest(expected) == manifest.get("rows_sha256") else None
+
+
 def _clear(cache_dir: Path) -> None:
-    for p in list(cache_dir.glob("part-*.parquet")) + list(cache_dir.glob(".part-*.tmp")) + [cache_dir / MANIFEST]:
+    for p in list(cache_dir.glob("part-*.parquet")) + [cache_dir / MANIFEST, cache_dir / EXPECTED]:
         p.unlink(missing_ok=True)
+    remove_stale_temporaries(cache_dir)
+
+
+# ---------------------------------------------------------------- temporary files, one name per writer
+
+_TEMP = re.compile(r"\.(?P<final>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.tmp")
+
+
+def _writer() -> str:
+    """This process's mark in its temporary file names: host and pid (no other writer shares both)."""
+    return f"{_host()}.{os.getpid()}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def temporary_name(final: str) -> str:
+    return f".{final}.{_writer()}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def remove_stale_temporaries(cache_dir: Path) -> None:
+    """Remove temporary files left by writers of this host that are gone (killed mid-write). Another live
+    process's file, and any other host's, is left alone: that writer may be in the middle of it."""
+    for tmp in Path(cache_dir).glob(".*.tmp"):
+        m = _TEMP.fullmatch(tmp.name)
+        if m and m["host"] == _host() and (int(m["pid"]) == os.getpid() or not _alive(int(m["pid"]))):
+            tmp.unlink(missing_ok=True)
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def rows_digest(expected: dict[int, str]) -> str:
+def rows_digest(expected: dict[str, int]) -> str:
     h = hashlib.sha256()
-    for idx in sorted(expected):
-        h.update(f"{idx}:{expected[idx]}\n".encode())
+    for row_id in sorted(expected):
+        h.update(f"{row_id}\n".encode())
     return h.hexdigest()
 
 
-def part_name(plan_index: int, row_indices: list[int]) -> str:
-    digest = _sha256_bytes(",".join(map(str, sorted(row_indices))).encode())[:10]
+def part_name(plan_index: int, ids: list[str]) -> str:
+    digest = sha256_bytes(",".join(sorted(ids)).encode())[:10]
     return f"part-{plan_index:05d}-{digest}.parquet"
 
 
 def write_part(cache_dir: Path, name: str, columns: dict[str, list], fingerprint: dict) -> Path:
-    """Write one part under a temporary name, fsync, then rename: a part either exists whole or not at all."""
+    """Write one part under this process's temporary name, fsync, then rename: a part either exists whole or not
+    at all, and no other writer ever touches the temporary file."""
     cache_dir = Path(cache_dir)
     table = pa.Table.from_pydict(columns, schema=SCHEMA).sort_by("row_index")
     table = table.replace_schema_metadata({
         META_FINGERPRINT: json.dumps(fingerprint, sort_keys=True, default=str).encode(),
         META_DIGEST: fingerprint_digest(fingerprint).encode()})
-    final, tmp = cache_dir / name, cache_dir / f".{name}.tmp"
+    final, tmp = cache_dir / name, cache_dir / temporary_name(name)
     try:
         pq.write_table(table, tmp)
         with open(tmp, "rb") as fh:
@@ -315,13 +270,19 @@ def record_run(cache_dir: Path, summary: dict) -> None:
 @dataclass
 class CacheState:
     manifest: dict
-    table: pa.Table  # all rows of all readable parts
+    table: pa.Table  # all rows of all readable parts (also rows no longer in the dataset)
     parts: list[tuple[str, int]]  # (name, rows)
     problems: list[str]  # what makes the cache unusable, one line each
+    expected: dict[str, int]  # id -> row_index of the rows of the dataset precompute last ran on
+
+    @property
+    def cached_expected(self) -> int:
+        """Expected rows that are cached."""
+        return len(set(self.expected).intersection(self.table.column("id").to_pylist()))
 
     @property
     def complete(self) -> bool:
-        return not self.problems and self.table.num_rows == self.manifest["expected_rows"]
+        return not self.problems and self.cached_expected == len(self.expected)
 
 
 def scan(cache_dir: Path) -> CacheState:
@@ -332,11 +293,14 @@ def scan(cache_dir: Path) -> CacheState:
     manifest = read_manifest(cache_dir)
     if manifest is None:
         raise DpoLeanError(f"{cache_dir} has no {MANIFEST}; it is not a dpo-lean cache (run precompute)")
+    check_format(cache_dir, manifest)
     digest = manifest.get("fingerprint_sha256")
     if digest != fingerprint_digest(manifest.get("fingerprint", {})):
         raise DpoLeanError(f"{cache_dir / MANIFEST}: its fingerprint does not match its digest (edited?); "
                            "rerun `dpo-lean precompute CONFIG.yaml` to repair it")
-    tables, parts, problems = [], [], []
+    expected = _read_expected(cache_dir, manifest)
+    problems = [] if expected is not None else [f"{EXPECTED}: missing or not the manifest's rows (rows_sha256)"]
+    tables, parts = [], []
     for path in sorted(cache_dir.glob("part-*.parquet")):
         try:
             pf = pq.ParquetFile(path)
@@ -358,19 +322,18 @@ def scan(cache_dir: Path) -> CacheState:
     kept = [t for (name, _), t in zip(parts, tables) if name not in duplicated]
     parts = [p for p in parts if p[0] not in duplicated]
     table = pa.concat_tables(kept).replace_schema_metadata(None) if kept else SCHEMA.empty_table()
-    return CacheState(manifest, table, parts, problems)
+    return CacheState(manifest, table, parts, problems, expected or {})
 
 
 def _parts_with_duplicate_rows(parts: list[tuple[str, int]], tables: list[pa.Table]) -> set[str]:
-    """Names of every part that holds a row_index held twice (across parts or within one)."""
-    owners: dict[int, list[str]] = {}
+    """Names of every part that holds a row id held twice (across parts or within one)."""
+    owners: dict[str, list[str]] = {}
     for (name, _), table in zip(parts, tables):
-        for index in table.column("row_index").to_pylist():
-            owners.setdefault(index, []).append(name)
+        for row_id in table.column("id").to_pylist():
+            owners.setdefault(row_id, []).append(name)
     return {name for names in owners.values() if len(names) > 1 for name in names}
 
 
 def missing_message(cache_dir: Path, state: CacheState) -> str:
-    have = state.table.num_rows
-    return (f"cache {cache_dir} is incomplete: {have} of {state.manifest['expected_rows']} rows; "
+    return (f"cache {cache_dir} is incomplete: {state.cached_expected} of {len(state.expected)} rows; "
             "rerun `dpo-lean precompute CONFIG.yaml` to finish it")

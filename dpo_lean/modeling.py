@@ -14,10 +14,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import adapters, cache
+from . import adapters
 from .config import Config
 from .data.templates import prepare_tokenizer
 from .errors import DpoLeanError
+from .fingerprint import model_fingerprint
 
 ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager",
                         "fa2": "flash_attention_2"}
@@ -279,7 +280,7 @@ def reference_spec(config: Config) -> dict:
     fingerprint if set; its adapters' (the starting point's by default), when there are any."""
     spec = {"precision": config.ref_precision, **_loading(config, reference=True)}
     if config.ref_model:
-        spec["model"] = cache.model_fingerprint(config.ref_model, config.model_revision, config.cache_dir, "ref_model")
+        spec["model"] = model_fingerprint(config.ref_model, config.model_revision, config.cache_dir, "ref_model")
     return {**spec, **adapters.stack_fingerprint(adapters.reference_stack(config), config)}
 
 

@@ -2,7 +2,7 @@
 
     rows = prepare_data(config)                       # the one tokenisation path
     plan = rows sorted by length -> batches -> parts  # deterministic, so a rerun redoes exactly what is missing
-    for each part of this shard not yet in the cache:
+    for each part of this shard with rows not yet in the cache (by id: added rows only, when the dataset grew):
         for each batch: ref logps = batch_logps(reference, batch)   # the one log-prob function (halved on OOM)
         write the part (temp name, then rename)
 """
@@ -24,6 +24,7 @@ from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.tokenize import TokenizedRow
 from .errors import DpoLeanError, Interrupted
+from .fingerprint import build_fingerprint
 from .logprobs import batch_logps
 from .measure import peak_memory_gb
 from .sharing import prefix_sharing
@@ -45,12 +46,20 @@ def shard_of(config: Config) -> tuple[int, int]:
     return config.num_shards, config.shard_index
 
 
-def pending_parts(plan, done: set[int], num_shards: int, shard_index: int):
-    """(plan index, batches of rows not yet cached) for this shard's parts that still miss rows."""
+def distinct_rows(rows: list[TokenizedRow]) -> list[TokenizedRow]:
+    """The first row of each id: identical rows share one cached entry."""
+    seen: dict[str, TokenizedRow] = {}
+    for r in rows:
+        seen.setdefault(r.id, r)
+    return list(seen.values())
+
+
+def pending_parts(plan, done: set[str], num_shards: int, shard_index: int):
+    """(plan index, batches of rows not yet cached, by id) for this shard's parts that still miss rows."""
     for i, part in enumerate(plan):
         if i % num_shards != shard_index:
             continue
-        batches = [[r for r in b if r.row_index not in done] for b in part]
+        batches = [[r for r in b if r.id not in done] for b in part]
         batches = [b for b in batches if b]
         if batches:
             yield i, batches
@@ -130,6 +139,7 @@ def compute_part(score: BatchScorer, batches, progress) -> _PartResult:
             cols["chosen_tokens"].append(len(r.chosen_ids))
             cols["rejected_tokens"].append(len(r.rejected_ids))
             cols["prompt_tokens"].append(len(r.prompt_ids))
+            cols["ids_sha256"].append(cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids))
         batch_tokens = sum(2 * len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
         tokens += batch_tokens
         progress.update(n)
@@ -147,17 +157,22 @@ def run_precompute(config: Config) -> dict:
     click.echo(f"data: {skip_summary(data)}")
     if data.skips:
         click.echo(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
-    fingerprint = cache.build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
+    fingerprint = build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
     cache_dir = config.resolved_ref_cache_dir
-    cache.open_for_writing(cache_dir, fingerprint, {r.row_index: r.id for r in data.rows}, config.overwrite_cache)
-    done = _usable_rows(cache_dir)
+    rows = distinct_rows(data.rows)
+    if len(rows) < len(data.rows):
+        click.echo(f"precompute: {len(data.rows) - len(rows)} rows repeat another row's content (same id); "
+                   f"{len(rows)} distinct rows, each cached once and used by all its copies")
+    cache.open_for_writing(cache_dir, fingerprint, {r.id: r.row_index for r in rows}, config.overwrite_cache)
+    done = _usable_rows(cache_dir, rows)
 
     num_shards, shard_index = shard_of(config)
-    plan = plan_parts(data.rows, config.precompute_ref_batch_size, config.cache_part_rows)
+    plan = plan_parts(rows, config.precompute_ref_batch_size, config.cache_part_rows)
     todo = list(pending_parts(plan, done, num_shards, shard_index))
     shard = f" (shard {shard_index + 1} of {num_shards})" if num_shards > 1 else ""
+    cached = sum(r.id in done for r in rows)
     if not todo:
-        click.echo(f"cache {cache_dir}: nothing to compute{shard}; {len(done)} rows already cached")
+        click.echo(f"cache {cache_dir}: nothing to compute{shard}; {cached} of {len(rows)} rows already cached")
         return _finish(cache_dir, {"rows": 0, "tokens": 0, "seconds": 0.0})
 
     dev = modeling.device()
@@ -168,18 +183,19 @@ def run_precompute(config: Config) -> dict:
     n_rows = sum(len(b) for _, batches in todo for b in batches)
     layout = describe_layout(sharing)
     click.echo(modeling.describe_reference(config))
-    click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}, {layout} -> {cache_dir}")
+    kept = f" ({cached} of {len(rows)} rows already cached, kept)" if cached else ""
+    click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}{kept}, {layout} -> {cache_dir}")
     t0 = time.perf_counter()
     try:
         with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:
             progress.tokens, progress.t0 = 0, t0
             for plan_index, batches in todo:
                 part = compute_part(score, batches, progress)
-                name = cache.part_name(plan_index, part.columns["row_index"])
+                name = cache.part_name(plan_index, part.columns["id"])
                 cache.write_part(cache_dir, name, part.columns, fingerprint)
     except KeyboardInterrupt:
         state = cache.scan(cache_dir)
-        raise Interrupted(f"interrupted: {state.table.num_rows} of {state.manifest['expected_rows']} rows are "
+        raise Interrupted(f"interrupted: {state.cached_expected} of {len(state.expected)} rows are "
                           f"cached in complete parts in {cache_dir}; rerun `dpo-lean precompute CONFIG.yaml` "
                           "to compute the rest") from None
     seconds = time.perf_counter() - t0
@@ -188,17 +204,32 @@ def run_precompute(config: Config) -> dict:
                                "peak_memory_gb": round(peak_memory_gb(dev), 3)})
 
 
-def _usable_rows(cache_dir) -> set[int]:
-    """Row indices of the complete, matching parts; parts that are unreadable or foreign are removed."""
+def _usable_rows(cache_dir, rows: list[TokenizedRow]) -> set[str]:
+    """Ids of the rows in complete, matching parts. Parts that are unreadable or foreign are removed, and so is a
+    part holding one of ``rows`` under other token ids than it tokenises to now."""
     state = cache.scan(cache_dir)
-    for problem in state.problems:
+    problems = list(state.problems) + _changed_ids(state, rows)
+    for problem in problems:
         name = problem.split(":", 1)[0]
         if name.startswith("part-"):
             click.echo(f"cache: removing {name} ({problem.split(': ', 1)[1]}); its rows are recomputed")
             (cache_dir / name).unlink(missing_ok=True)
-    if state.problems:
+    if problems:
         state = cache.scan(cache_dir)
-    return set(state.table.column("row_index").to_pylist())
+    return set(state.table.column("id").to_pylist())
+
+
+def _changed_ids(state: cache.CacheState, rows: list[TokenizedRow]) -> list[str]:
+    """'part: row N ...' for the first cached row of each part whose ids hash is not this run's tokenisation."""
+    digests = {r.id: (r.row_index, cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids)) for r in rows}
+    problems, start = {}, 0
+    ids, hashes = state.table.column("id").to_pylist(), state.table.column("ids_sha256").to_pylist()
+    for name, n in state.parts:
+        for row_id, h in zip(ids[start:start + n], hashes[start:start + n]):
+            if row_id in digests and digests[row_id][1] != h and name not in problems:
+                problems[name] = f"{name}: row {digests[row_id][0]} was cached from other token ids"
+        start += n
+    return list(problems.values())
 
 
 def _finish(cache_dir, summary: dict) -> dict:
@@ -209,7 +240,7 @@ def _finish(cache_dir, summary: dict) -> dict:
         click.echo(f"precompute: {summary['rows']} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f} s "
                    f"({summary['tokens_per_second']:,.0f} tokens/s), peak memory {summary['peak_memory_gb']:.2f} GB")
     state = cache.scan(cache_dir)
-    expected = state.manifest["expected_rows"]
-    status = "complete" if state.complete else f"{state.table.num_rows} of {expected} rows so far"
-    click.echo(f"cache {cache_dir}: {status}")
-    return {**summary, "complete": state.complete, "cached_rows": state.table.num_rows}
+    status = "complete" if state.complete else f"{state.cached_expected} of {len(state.expected)} rows so far"
+    unused = state.table.num_rows - state.cached_expected
+    click.echo(f"cache {cache_dir}: {status}" + (f" ({unused} cached rows not in this dataset, unused)" if unused else ""))
+    return {**summary, "complete": state.complete, "cached_rows": state.cached_expected}

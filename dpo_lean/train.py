@@ -27,6 +27,7 @@ from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.tokenize import TokenizedRow
 from .errors import DpoLeanError, Interrupted
+from .fingerprint import build_fingerprint, fingerprint_diff
 from .logprobs import batch_scores
 from .measure import peak_memory_gb
 from .objective import RewardBaseline, pair_metrics
@@ -41,37 +42,34 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps"
 
 def load_reference(config: Config, fingerprint: dict, rows: list[TokenizedRow],
                    what: str = "training rows") -> dict[str, tuple[float, ...]]:
-    """id -> the REF_COLUMNS values for every row, after checking the cache is the right one."""
+    """id -> the REF_COLUMNS values for every row, after checking the cache is the right one and that each
+    row was cached from the token ids it has now. Cached rows the dataset no longer holds are not used."""
     cache_dir = config.resolved_ref_cache_dir
-    rebuild = "rebuild it with `dpo-lean precompute CONFIG.yaml overwrite_cache=true`"
     if not (Path(cache_dir) / cache.MANIFEST).exists():
         raise DpoLeanError(f"no reference cache at {cache_dir}; run `dpo-lean precompute CONFIG.yaml` first "
                            "(or set ref_cache_dir)")
-    state = cache.scan(cache_dir)
-    version = state.manifest["fingerprint"].get("format_version")
-    if version != cache.FORMAT_VERSION:
-        raise DpoLeanError(f"cache {cache_dir} has format {version}, this dpo-lean reads format {cache.FORMAT_VERSION} "
-                           f"(new columns); {rebuild}")
-    diffs = cache.fingerprint_diff(state.manifest["fingerprint"], fingerprint)
+    state = cache.scan(cache_dir)  # refuses an older format in one line
+    diffs = fingerprint_diff(state.manifest["fingerprint"], fingerprint)
     if diffs:
-        raise DpoLeanError(f"cache {cache_dir} does not match this run: {'; '.join(diffs)}; {rebuild}")
-    if state.problems:
-        raise DpoLeanError(f"cache {cache_dir} is damaged: {'; '.join(state.problems)}; "
+        raise DpoLeanError(f"cache {cache_dir} does not match this run: {'; '.join(diffs)}; "
+                           f"rebuild it with `dpo-lean precompute CONFIG.yaml overwrite_cache=true`")
+    damaged = [p for p in state.problems if not p.startswith(cache.EXPECTED)]  # train needs no expected list
+    if damaged:
+        raise DpoLeanError(f"cache {cache_dir} is damaged: {'; '.join(damaged)}; "
                            "rerun `dpo-lean precompute CONFIG.yaml` to repair it")
     table = state.table.to_pydict()
     by_id = {i: k for k, i in enumerate(table["id"])}
     missing = [r for r in rows if r.id not in by_id]
     if missing:
-        raise DpoLeanError(f"{len(missing)} of {len(rows)} {what} have no reference log-probs in {cache_dir} "
-                           f"(first: row {missing[0].row_index}); rerun `dpo-lean precompute CONFIG.yaml` to finish it")
+        raise DpoLeanError(f"{len(missing)} of {len(rows)} {what} are not in the cache {cache_dir} (first: row "
+                           f"{missing[0].row_index}); run `dpo-lean precompute CONFIG.yaml` to compute them "
+                           "(only they are computed)")
     ref = {}
     for r in rows:
         k = by_id[r.id]
-        counts = (table["prompt_tokens"][k], table["chosen_tokens"][k], table["rejected_tokens"][k])
-        if counts != (len(r.prompt_ids), len(r.chosen_ids), len(r.rejected_ids)):
-            raise DpoLeanError(f"cache {cache_dir}: row {r.row_index} was cached with token counts {counts}, "
-                               f"but tokenises to {(len(r.prompt_ids), len(r.chosen_ids), len(r.rejected_ids))}; "
-                               f"{rebuild}")
+        if table["ids_sha256"][k] != cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids):
+            raise DpoLeanError(f"cache {cache_dir}: row {r.row_index} (id {r.id}) was cached from other token ids "
+                               "than it tokenises to now; rerun `dpo-lean precompute CONFIG.yaml` to recompute it")
         ref[r.id] = tuple(table[c][k] for c in REF_COLUMNS)
     return ref
 
@@ -318,7 +316,7 @@ def prepare_run(config: Config):
     data = prepare_data(config, tokenizer)
     if not config.needs_reference:
         return tokenizer, data, None, None
-    fingerprint = cache.build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
+    fingerprint = build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
     ref = load_reference(config, fingerprint, data.rows)
     return tokenizer, data, fingerprint, ref
 
@@ -351,7 +349,7 @@ def load_eval_dataset(config: Config, tokenizer) -> EvalSet:
         _say(f"skipped eval rows listed in {write_skip_report(eval_data, eval_config.metrics_dir)}")
     if not config.needs_reference:
         return EvalSet(eval_data.rows, None, f"eval_dataset={config.eval_dataset}")
-    fingerprint = cache.build_fingerprint(eval_config, tokenizer, eval_data, modeling.reference_spec(eval_config))
+    fingerprint = build_fingerprint(eval_config, tokenizer, eval_data, modeling.reference_spec(eval_config))
     eval_ref = load_reference(eval_config, fingerprint, eval_data.rows, what="eval rows")
     return EvalSet(eval_data.rows, eval_ref, f"eval_dataset={config.eval_dataset}", fingerprint)
 

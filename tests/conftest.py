@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# file digests are remembered here, not in the user's ~/.cache/dpo_lean (subprocesses inherit it)
+os.environ.setdefault("DPO_LEAN_CACHE_HOME", tempfile.mkdtemp(prefix="dpo_lean_memo_"))
 
 from make_fixtures import fixture_config  # noqa: E402
 

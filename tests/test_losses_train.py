@@ -19,6 +19,7 @@ from conftest import FIXTURES
 
 from dpo_lean import cache, modeling, train
 from dpo_lean.errors import DpoLeanError
+from dpo_lean.fingerprint import fingerprint_digest
 
 LN2 = math.log(2)
 RUN = dict(per_device_train_batch_size=64, max_steps=2, logging_steps=1, save_strategy="no", learning_rate=5e-3,
@@ -29,7 +30,7 @@ RUN = dict(per_device_train_batch_size=64, max_steps=2, logging_steps=1, save_st
 def ref():
     """The fixture cache's columns, float64: the policy's own log-probs at step 0."""
     table = pads.dataset(FIXTURES / "demo" / "ref_cache", format="parquet").to_table().to_pydict()
-    return {k: np.asarray(v, dtype=np.float64) for k, v in table.items() if k != "id"}
+    return {k: np.asarray(v, dtype=np.float64) for k, v in table.items() if k not in ("id", "ids_sha256")}
 
 
 def sft0(r):
@@ -167,7 +168,7 @@ def ld_config(tiny_config, tmp_path):
 
 def test_ld_alpha_trains_on_the_tail_columns(ld_config):
     table = pads.dataset(ld_config.resolved_ref_cache_dir, format="parquet").to_table().to_pydict()
-    c = {k: np.asarray(v, dtype=np.float64) for k, v in table.items() if k != "id"}
+    c = {k: np.asarray(v, dtype=np.float64) for k, v in table.items() if k not in ("id", "ids_sha256")}
     longer = c["chosen_tokens"] > c["rejected_tokens"]
     assert longer.any() and (~longer & (c["chosen_tokens"] != c["rejected_tokens"])).any()
     assert (c["ref_chosen_tail_logps"][~longer] == 0).all() and (c["ref_chosen_tail_logps"][longer] < 0).all()
@@ -182,54 +183,36 @@ def test_ld_alpha_trains_on_the_tail_columns(ld_config):
     assert np.mean(c["ref_rejected_tail_logps"]) < -20  # the tails matter here
 
 
-def _as_format_1(cache_dir):
-    """Rewrite a cache as dpo-lean's format 1 wrote it: no tail columns, format_version 1."""
+def _as_old_format(cache_dir, version: int, drop: list[str]):
+    """Rewrite a cache as an older dpo-lean wrote it: without the columns that came later, that format_version."""
     import pyarrow.parquet as pq
 
     manifest = json.loads((cache_dir / cache.MANIFEST).read_text())
-    manifest["fingerprint"]["format_version"] = manifest["format_version"] = 1
-    manifest["fingerprint_sha256"] = digest = cache.fingerprint_digest(manifest["fingerprint"])
+    manifest["fingerprint"]["format_version"] = manifest["format_version"] = version
+    manifest["fingerprint_sha256"] = digest = fingerprint_digest(manifest["fingerprint"])
     for part in cache_dir.glob("part-*.parquet"):
-        table = pq.read_table(part).drop_columns(["ref_chosen_tail_logps", "ref_rejected_tail_logps"])
+        table = pq.read_table(part).drop_columns(drop)
         pq.write_table(table.replace_schema_metadata({cache.META_FINGERPRINT: json.dumps(manifest["fingerprint"]),
                                                       cache.META_DIGEST: digest}), part)
     (cache_dir / cache.MANIFEST).write_text(json.dumps(manifest))
+    (cache_dir / cache.EXPECTED).unlink()
 
 
-def test_a_format_1_cache_is_refused_with_the_rebuild_command(ld_config, tmp_path):
+@pytest.mark.parametrize("version, drop", [(1, ["ref_chosen_tail_logps", "ref_rejected_tail_logps", "ids_sha256"]),
+                                           (2, ["ids_sha256"])])
+def test_an_older_format_cache_is_refused_with_the_rebuild_command(version, drop, ld_config, tmp_path):
     import dataclasses
 
     from dpo_lean.precompute import run_precompute
 
     old = tmp_path / "old_cache"
     shutil.copytree(ld_config.resolved_ref_cache_dir, old)
-    _as_format_1(old)
+    _as_old_format(old, version, drop)
     config = dataclasses.replace(ld_config, ref_cache_dir=str(old))
-    with pytest.raises(DpoLeanError) as err:
-        train.prepare_run(config)
-    assert "has format 1, this dpo-lean reads format 2" in str(err.value)
-    assert "`dpo-lean precompute CONFIG.yaml overwrite_cache=true`" in str(err.value) and "\n" not in str(err.value)
+    for command in (train.prepare_run, run_precompute):  # train, and precompute without overwrite_cache
+        with pytest.raises(DpoLeanError) as err:
+            command(config)
+        assert f"has format {version}, this dpo-lean reads format 3" in str(err.value)
+        assert "`dpo-lean precompute CONFIG.yaml overwrite_cache=true`" in str(err.value) and "\n" not in str(err.value)
     run_precompute(dataclasses.replace(config, overwrite_cache=True))  # the command it names rebuilds it
     assert len(train.prepare_run(config)[3]) == len(LD_ROWS)
-
-
-# ---------------------------------------------------------------- LF's BCO mix: the baseline survives a resume
-
-
-def test_bco_baseline_is_checkpointed_and_resumed(tiny_config, tmp_path):
-    keys = dict(RUN, pref_bco_weight=0.5, max_steps=2, save_strategy="steps", save_steps=1,
-                per_device_train_batch_size=32)
-    straight = tiny_config(**keys)
-    train.run_train(straight)
-    first = train_logs(straight)[0]
-    state = json.loads((tmp_path / "output" / "checkpoint-1" / "trainer_state.json").read_text())
-    saved = state["stateful_callbacks"]["RewardBaseline"]["args"]
-    # after step 1: the mean of the first batch's rewards, chosen and rejected together
-    assert saved["count"] == 1 and saved["mean"] == pytest.approx(
-        (first["rewards/chosen"] + first["rewards/rejected"]) / 2, abs=1e-9)
-    done = json.loads((straight.metrics_dir / "summary.json").read_text())["reward_baseline"]
-    shutil.rmtree(tmp_path / "output" / "checkpoint-2")
-    (straight.metrics_dir / "summary.json").unlink()
-    train.run_train(tiny_config(**keys, resume_from_checkpoint=True))
-    again = json.loads((straight.metrics_dir / "summary.json").read_text())["reward_baseline"]
-    assert again["count"] == 2 and again["mean"] == pytest.approx(done["mean"], rel=1e-5)

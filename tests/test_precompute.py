@@ -19,7 +19,7 @@ from dpo_lean.logprobs import batch_logps
 from dpo_lean.precompute import run_precompute
 
 CONTRACT = ["row_index", "id", "ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps",
-            "ref_rejected_tail_logps", "chosen_tokens", "rejected_tokens", "prompt_tokens"]
+            "ref_rejected_tail_logps", "chosen_tokens", "rejected_tokens", "prompt_tokens", "ids_sha256"]
 
 
 def cached(cache_dir) -> pd.DataFrame:

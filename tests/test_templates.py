@@ -10,12 +10,12 @@ import pytest
 from conftest import FIXTURES
 from test_cli import assert_one_line_error, invoke, write_config
 
-from dpo_lean import cache
 from dpo_lean.config import from_dict
 from dpo_lean.data import templates
 from dpo_lean.data.pipeline import prepare_data
 from dpo_lean.data.templates import fix_tokenizer, template_names
 from dpo_lean.errors import DpoLeanError
+from dpo_lean.fingerprint import build_fingerprint
 from dpo_lean.modeling import load_tokenizer
 
 TINY = FIXTURES / "tiny-model"
@@ -87,7 +87,7 @@ def test_fingerprint_covers_the_template_definition(tiny_tokenizer):
         tokenizer = copy.deepcopy(tiny_tokenizer)
         fix_tokenizer(tokenizer, name)
         data = prepare_data(config, tokenizer)
-        fp = cache.build_fingerprint(config, tokenizer, data, {"precision": "base"})
+        fp = build_fingerprint(config, tokenizer, data, {"precision": "base"})
         digests[(name, json.dumps(extra))] = fp["template_sha256"]
     assert len(set(digests.values())) == len(digests)
 

@@ -124,7 +124,6 @@ def _other_tokenizer(tmp_path):
     ("template", lambda p: {"template": "plain"}),
     ("cutoff_len", lambda p: {"cutoff_len": 96}),
     ("truncation_mode", lambda p: {"truncation_mode": "keep_start"}),
-    ("dataset.content_sha256", lambda p: {"max_samples": 40}),
     ("reference.precision", lambda p: {"ref_precision": "fp32"}),
 ])
 def test_refuses_a_cache_built_for_something_else(field, overrides, tiny_config, tmp_path):
@@ -137,8 +136,10 @@ def test_refuses_a_cache_built_for_something_else(field, overrides, tiny_config,
 def test_rows_missing_from_the_cache_are_counted(tiny_config):
     config = tiny_config()
     next(config.resolved_ref_cache_dir.glob("part-*.parquet")).unlink()
-    with pytest.raises(DpoLeanError, match=r"16 of 64 training rows have no reference log-probs"):
+    with pytest.raises(DpoLeanError) as err:
         train.prepare_run(config)
+    assert str(err.value).startswith("16 of 64 training rows are not in the cache ")
+    assert "run `dpo-lean precompute CONFIG.yaml`" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_no_cache_says_run_precompute(tiny_config, tmp_path):

@@ -1,0 +1,224 @@
+"""The cache fingerprint: what the cached values depend on (compared) and what is only recorded (information).
+
+Compared: the model's and the reference's content (config and whole-file weights digests; a hub model by the
+commit its snapshot resolves to, however it was named), the tokenizer, the template, cutoff_len,
+truncation_mode, the reference's precision, quantisation, dtype and adapters. Information: where things were
+found (paths, hub ids, revision names), the dataset (rows are matched one by one by their content id, so a
+changed dataset is not a different cache), the library versions and the attention kernel (they move values
+by float rounding only), dpo-lean's version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from importlib import metadata
+from pathlib import Path
+
+from . import __version__
+from .errors import DpoLeanError
+from .files import atomic_write_text
+
+FORMAT_VERSION = 3  # 2: + the tail columns (LD-DPO); 3: + ids_sha256, rows matched by id, whole-file digests
+INFORMATIONAL_PREFIXES = ("dataset.", "runtime.")
+INFORMATIONAL = {"dpo_lean_version", "model.name_or_path", "model.revision", "reference.model.name_or_path",
+                 "reference.model.revision", "reference.adapter_paths"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def is_informational(key: str) -> bool:
+    """Is this flattened fingerprint field recorded only (never compared)?"""
+    return key in INFORMATIONAL or key.startswith(INFORMATIONAL_PREFIXES)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- whole-file digests, memoised
+
+
+def memo_path() -> Path:
+    """Where file digests are remembered: $DPO_LEAN_CACHE_HOME, else $XDG_CACHE_HOME/dpo_lean, else ~/.cache/dpo_lean."""
+    if os.environ.get("DPO_LEAN_CACHE_HOME"):
+        return Path(os.environ["DPO_LEAN_CACHE_HOME"]) / "file_sha256.json"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dpo_lean" / "file_sha256.json"
+
+
+def _read_memo(path: Path) -> dict:
+    try:
+        memo = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # missing or corrupt: every file is hashed again
+    return memo if isinstance(memo, dict) else {}
+
+
+def _stamp(st: os.stat_result) -> list:
+    """What changes when a file's bytes may have: size, mtime, ctime (not settable by touch), inode."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes: the hub blob's name when the file resolves to one (hub LFS blobs are named by
+    their sha256), else hashed once and remembered by path, size, mtime, ctime and inode."""
+    real = Path(path).resolve()
+    if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
+        return real.name
+    st, memo_file = real.stat(), memo_path()
+    memo = _read_memo(memo_file)
+    entry = memo.get(str(real))
+    if isinstance(entry, dict) and entry.get("stamp") == _stamp(st) and _SHA256.fullmatch(str(entry.get("sha256"))):
+        return entry["sha256"]
+    h = hashlib.sha256()
+    with open(real, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    memo = _read_memo(memo_file)  # another process may have added entries meanwhile
+    memo[str(real)] = {"stamp": _stamp(st), "sha256": h.hexdigest()}
+    try:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo_file, json.dumps(memo, indent=0) + "\n")
+    except (OSError, DpoLeanError):
+        pass  # an unwritable memo only costs hashing again next time
+    return h.hexdigest()
+
+
+def weights_digest(files: list[Path]) -> str:
+    """One digest of weight files: each file's name and the SHA-256 of its whole content."""
+    lines = "".join(f"{f.name}:{file_sha256(f)}\n" for f in sorted(files, key=lambda p: p.name))
+    return sha256_bytes(lines.encode())
+
+
+# ---------------------------------------------------------------- where a model is
+
+
+def hub_snapshot_commit(folder: Path) -> str | None:
+    """The commit sha of a hub cache snapshot folder (…/models--org--name/snapshots/<sha>), else None."""
+    folder = Path(folder).resolve()
+    if (folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--"))
+            and _COMMIT.fullmatch(folder.name)):
+        return folder.name
+    return None
+
+
+def _locate(name_or_path: str, filename: str, revision: str, cache_dir: str | None, key: str, what: str) -> Path:
+    """The folder holding ``filename``: a local folder as it is, a hub id resolved to its cached snapshot."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        return local
+    from transformers.utils import cached_file
+
+    try:
+        return Path(cached_file(name_or_path, filename, revision=revision, cache_dir=cache_dir)).parent
+    except (OSError, ValueError) as e:
+        raise DpoLeanError(f"config key '{key}': {name_or_path!r} is neither a local {what} nor a reachable hub "
+                           f"{what} ({str(e).splitlines()[0]})") from None
+
+
+def _content(folder: Path, config_file: Path, weights: list[Path]) -> dict:
+    """Identity of a model or adapter folder. A hub snapshot is pinned by its commit (the hub's files of a
+    commit never change; weights may not be downloaded yet); any other folder by its weights' whole digests."""
+    commit = hub_snapshot_commit(folder)
+    return {"commit": commit, "config_sha256": sha256_bytes(config_file.read_bytes()),
+            "weights_sha256": None if commit or not weights else weights_digest(weights)}
+
+
+def model_fingerprint(name_or_path: str, revision: str = "main", cache_dir: str | None = None,
+                      key: str = "model_name_or_path") -> dict:
+    """Identify the weights without loading them. A hub id, its revision name or commit sha, and its local
+    snapshot folder all give the same compared fields. ``key``: the config key that names the model, for errors."""
+    folder = _locate(name_or_path, "config.json", revision, cache_dir, key, "model")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise DpoLeanError(f"config key '{key}': {name_or_path!r} has no config.json")
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
+    return {"name_or_path": str(name_or_path), "revision": revision, **_content(folder, config_file, weights)}
+
+
+def adapter_fingerprint(name_or_path: str, revision: str = "main", cache_dir: str | None = None,
+                        key: str = "adapter_name_or_path") -> dict:
+    """Identify a PEFT adapter without loading it, as model_fingerprint does (its adapter_config.json and
+    adapter_model.* files). The path is left out (the caller records it apart, as information)."""
+    folder = _locate(name_or_path, "adapter_config.json", revision, cache_dir, key, "adapter folder")
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise DpoLeanError(f"config key '{key}': {name_or_path!r} holds no adapter (adapter_config.json); "
+                           "name the folder a PEFT save_pretrained wrote")
+    weights = [p for p in folder.iterdir() if p.name.startswith("adapter_model.") and p.is_file()]
+    return _content(folder, config_file, weights)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return sha256_bytes((body + specials).encode())
+
+
+def runtime_info(config) -> dict:
+    """Library versions and the attention kernel: recorded so a report can say what computed a cache."""
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {**{lib: version(lib) for lib in ("torch", "transformers", "peft", "bitsandbytes")},
+            "flash_attn": config.flash_attn}
+
+
+def build_fingerprint(config, tokenizer, data, reference: dict) -> dict:
+    """Everything the cached values depend on, and what is recorded beside it. ``reference``: how the reference is
+    loaded (modeling.reference_spec: precision, quantization, dtype; and, when set, its own model and adapters)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model_fingerprint(config.model_name_or_path, config.model_revision, config.cache_dir),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "template": config.template,
+        "template_sha256": sha256_bytes(data.chat_template.encode()),
+        "cutoff_len": config.cutoff_len,
+        "truncation_mode": config.truncation_mode,
+        "reference": reference,
+        "dataset": {"spec": config.dataset, "max_samples": config.max_samples, "rows": data.num_rows,
+                    "content_sha256": data.content_sha256, "sources": data.sources},
+        "runtime": runtime_info(config),
+        "dpo_lean_version": __version__,
+    }
+
+
+# ---------------------------------------------------------------- comparing
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def compared(fp: dict) -> dict:
+    return {k: v for k, v in flatten(fp).items() if not is_informational(k)}
+
+
+def fingerprint_digest(fp: dict) -> str:
+    return sha256_bytes(json.dumps(compared(fp), sort_keys=True, default=str).encode())
+
+
+def fingerprint_diff(cached: dict, current: dict) -> list[str]:
+    """Compared fields whose values differ, as 'field: cached -> current'."""
+    a, b = compared(cached), compared(current)
+    return [f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}"
+            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def _short(v) -> str:
+    s = str(v)
+    return s[:12] + "…" if len(s) > 16 and all(c in "0123456789abcdef" for c in s) else s
