@@ -3,7 +3,9 @@
     python tools/bench.py train       [--vocab 32000 151936] [--rows 24] [--cutoff 512] [--batch 2]
     python tools/bench.py precompute  [--vocab 32000 151936] [--rows 24] [--cutoff 512] [--batch 2]
     python tools/bench.py all         # both tables
-    python tools/bench.py data        [--sizes 1200 12000] [--with-60k] [--source ../shared/data]
+    python tools/bench.py data        [--sizes 1200 12000] [--with-60k] [--source ../shared/data]   (bench_data.py)
+    python tools/bench.py real-shapes [--shapes Qwen2.5-0.5B Qwen2.5-1.5B] [--shape-steps 2]  (bench_shapes.py)
+    python tools/bench.py all --real-shapes   # both tables, then the real-shape rows
     python tools/bench.py train --model Qwen/Qwen2.5-0.5B-Instruct   # any hub or local model (on a GPU)
 
 Every contender runs in its own fresh process on the same model, the same rows, batch size, sequence cap,

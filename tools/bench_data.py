@@ -147,8 +147,11 @@ def bench_size(tmp: Path, rows: list[dict], args) -> dict:
         work = tmp / f"{n}-w{workers}"  # warm reuses the cold 2-worker run's directories
         if kind == "cold":
             shutil.rmtree(work, ignore_errors=True)
-        runs[f"{kind} {workers}"] = data_check(work, data, args, workers)
+        runs[f"{kind} {workers}"] = r = data_check(work, data, args, workers)
+        print(f"  {n:,} rows, {kind}, {workers} worker(s): {r['seconds']:.1f} s, peak RSS {r['peak_mb']:,.0f} MB"
+              + (f" ({r['note']})" if r["note"] else ""), flush=True)
     seconds, tokens = floor_seconds(rows, args.data_model)
+    print(f"  {n:,} rows, floor: {seconds:.1f} s for {tokens:,} tokens", flush=True)
     data.unlink()
     return {"rows": n, "runs": runs, "floor_seconds": seconds, "floor_tokens": tokens}
 
@@ -187,7 +190,6 @@ def run_data_bench(args) -> list[dict]:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in sizes:
             results.append(bench_size(Path(tmp), resample(source, n), args))
-            print(f"  {n:,} rows done", flush=True)
     print_data_tables(results)
     return results
 

@@ -173,12 +173,15 @@ def run_shape(args, tmp: Path, name: str) -> dict:
     rate = matmul_rate()
     print(f"{name}: fp32 matmul rate {rate / 1e9:,.0f} GFLOP/s; precompute", flush=True)
     result = {"matmul_flops": rate, "n_matmul_params": matmul_params({**QWEN25_COMMON, **QWEN25[name]}),
-              "precompute": {"dpo-lean": bench.spawn("precompute:dpo-lean", raw, 0),  # also the train's cache
-                             "bare-forward": bench.spawn("precompute:bare-forward", raw, 0)}, "train": {}}
-    for contender in args.shape_contenders:
-        print(f"{name}: train {contender}", flush=True)
-        result["train"][contender] = bench.spawn(f"train:{contender}", {**raw, "output_dir": str(tmp / name / contender)},
-                                                 shape.warmup)
+              "precompute": {}, "train": {}}
+    # the dpo-lean pass also writes the train contenders' cache; every figure is printed as soon as it is in
+    for group, contender, warmup in [("precompute", "dpo-lean", 0), ("precompute", "bare-forward", 0),
+                                     *[("train", c, shape.warmup) for c in args.shape_contenders]]:
+        out = raw if group == "precompute" else {**raw, "output_dir": str(tmp / name / contender)}
+        result[group][contender] = r = bench.spawn(f"{group}:{contender}", out, warmup)
+        print(f"{name} {group} {contender}: {json.dumps(r)}", flush=True)
+    result["matmul_flops_start"], result["matmul_flops_end"] = rate, matmul_rate()
+    result["matmul_flops"] = (rate + result["matmul_flops_end"]) / 2  # a shared machine's load drifts
     print_shape_tables(name, result, shape)
     return result
 
@@ -202,7 +205,9 @@ def print_shape_tables(name: str, result: dict, shape: Namespace) -> None:
                      f"{r['peak_gb'] - start:.2f}" if start is not None else "", f"{r['step_seconds']:.1f}",
                      f"{r['tokens_per_second']:,.1f}", f"{TRAIN_FLOPS[contender]}N", _util(flops, rate)))
     bench._print_table(f"{name} train: {shape.steps} timed step(s) after {shape.warmup} warm-up, 1 pair per step; "
-                       f"N = {n / 1e6:,.0f}M matmul parameters; fp32 matmul rate {rate / 1e9:,.0f} GFLOP/s",
+                       f"N = {n / 1e6:,.0f}M matmul parameters; fp32 matmul rate {rate / 1e9:,.0f} GFLOP/s (mean of "
+                       f"{result['matmul_flops_start'] / 1e9:,.0f} before and {result['matmul_flops_end'] / 1e9:,.0f} "
+                       "after)",
                        rows, ("contender", "peak RSS GB", "RSS at train start GB", "peak - start GB", "step s",
                               "tokens/s", "FLOPs/token", "model GFLOP/s", "of matmul rate"))
     rows, pre = [], result["precompute"]
