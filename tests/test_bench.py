@@ -50,3 +50,28 @@ def test_bench_data_end_to_end(tmp_path):
     assert set(result["runs"]) == {"cold 1", "cold 2", "warm 2"}
     assert all(r["rows_kept"] == "40" and r["seconds"] > 0 and r["peak_mb"] > 50 for r in result["runs"].values())
     assert result["floor_tokens"] > 40 * 2 * 10  # prompt + chosen and prompt + rejected, a dozen tokens or more each
+
+
+def test_real_shape_parameter_counts_match_the_model_cards():
+    import bench_shapes
+
+    # Qwen2.5 model cards: 0.49B parameters (0.36B non-embedding), 1.54B (1.31B non-embedding); embeddings tied
+    for name, total, non_embedding in (("Qwen2.5-0.5B", 0.49e9, 0.36e9), ("Qwen2.5-1.5B", 1.54e9, 1.31e9)):
+        cfg = {**bench_shapes.QWEN25_COMMON, **bench_shapes.QWEN25[name]}
+        n = bench_shapes.matmul_params(cfg)
+        assert abs(n - total) < 0.005e9 and abs(n - cfg["vocab_size"] * cfg["hidden_size"] - non_embedding) < 0.005e9
+
+
+def test_real_shape_tokenizer_gives_exact_lengths_and_survives_qwen2_reload(tmp_path):
+    import bench_shapes
+    from transformers import AutoTokenizer, Qwen2Config
+
+    tokenizer = bench_shapes.word_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    Qwen2Config(**bench_shapes.QWEN25_COMMON, **bench_shapes.QWEN25["Qwen2.5-0.5B"]).save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)  # transformers picks its Qwen2 tokenizer for model_type qwen2
+    words = bench_shapes.word_vocab()[2]
+    text = "xy " + " ".join(words[i] for i in (0, 1, 77_000, len(words) - 1))
+    ids = reloaded(text)["input_ids"]
+    assert ids == tokenizer(text)["input_ids"] and len(ids) == 5
+    assert max(ids) == bench_shapes.SPECIAL["<|endoftext|>"] - 1 and len(reloaded) == 151646
