@@ -3,6 +3,9 @@
     python tools/bench.py train       [--vocab 32000 151936] [--rows 24] [--cutoff 512] [--batch 2]
     python tools/bench.py precompute  [--vocab 32000 151936] [--rows 24] [--cutoff 512] [--batch 2]
     python tools/bench.py all         # both tables
+    python tools/bench.py data        [--sizes 1200 12000] [--with-60k] [--source ../shared/data]   (bench_data.py)
+    python tools/bench.py real-shapes [--shapes Qwen2.5-0.5B Qwen2.5-1.5B] [--shape-steps 2]  (bench_shapes.py)
+    python tools/bench.py all --real-shapes   # both tables, then the real-shape rows
     python tools/bench.py train --model Qwen/Qwen2.5-0.5B-Instruct   # any hub or local model (on a GPU)
 
 Every contender runs in its own fresh process on the same model, the same rows, batch size, sequence cap,
@@ -49,6 +52,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_data  # noqa: E402  (tools/ is not a package)
+import bench_shapes  # noqa: E402
+
 SHARED_DEMO = ROOT.parent / "shared" / "data" / "dpo_en_demo.json"
 TRAIN_CONTENDERS = ("dpo-lean", "dpo-lean+shared", "dpo-lean+auto", "dpo-lean+groups", "sft", "trl", "trl+precompute")
 PRECOMPUTE_CONTENDERS = ("dpo-lean", "dpo-lean+shared", "dpo-lean+auto", "trl", "bare-forward")
@@ -118,6 +125,21 @@ def reset_peak() -> None:
         pass  # not Linux: the peak then covers the whole process
 
 
+def current_gb() -> float | None:
+    """Memory in use now: CUDA allocated, or the process's RSS (VmRSS)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 1e9
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+
+
 def read_peak_gb() -> float:
     import torch
 
@@ -142,12 +164,13 @@ def instrument_trainer(sequential: bool) -> dict:
     import torch
     import transformers
 
-    record = {"step_seconds": [], "step_tokens": [], "peak_gb": None}
+    record = {"step_seconds": [], "step_tokens": [], "peak_gb": None, "start_gb": None}
     tokens = [0]
 
     class StepTimer(transformers.TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             reset_peak()
+            record["start_gb"] = current_gb()
 
         def on_step_begin(self, args, state, control, **kw):
             if torch.cuda.is_available():
@@ -184,7 +207,7 @@ def instrument_trainer(sequential: bool) -> dict:
 def summarise_steps(record: dict, warmup: int) -> dict:
     secs, toks = record["step_seconds"][warmup:], record["step_tokens"][warmup:]
     return {"step_seconds": statistics.median(secs), "tokens_per_second": sum(toks) / sum(secs),
-            "peak_gb": record["peak_gb"], "steps": len(secs)}
+            "peak_gb": record["peak_gb"], "start_gb": record["start_gb"], "steps": len(secs)}
 
 
 # ---------------------------------------------------------------- train contenders
@@ -411,7 +434,13 @@ def _machine() -> str:
 
     if torch.cuda.is_available():
         return f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {name}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def _print_table(title: str, rows: list[tuple], header: tuple) -> None:
@@ -484,7 +513,7 @@ def _ratio(a, b) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("train", "precompute", "all"))
+    parser.add_argument("command", choices=("train", "precompute", "all", "data", "real-shapes"))
     parser.add_argument("--vocab", type=int, nargs="+", default=[151936, 32000])
     parser.add_argument("--model", help="a hub id or local directory instead of the offline models (use a GPU)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the offline model")
@@ -501,7 +530,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=TRAIN_CONTENDERS, default=list(TRAIN_CONTENDERS),
                         dest="train_contenders", help="train contenders to run (dpo-lean always runs)")
     parser.add_argument("--json", help="also write all figures to this file")
+    bench_data.add_data_arguments(parser)
+    bench_shapes.add_shape_arguments(parser)
     args = parser.parse_args()
+    if args.command in ("data", "real-shapes"):
+        print(f"machine: {_machine()}")
+        run = bench_data.run_data_bench if args.command == "data" else bench_shapes.run_real_shapes
+        figures = run(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=1))
+        return
     if "dpo-lean" not in args.train_contenders:
         args.train_contenders.insert(0, "dpo-lean")
     print(f"machine: {_machine()}")
@@ -521,6 +559,8 @@ def main() -> None:
                 figures[f"train {label}"] = run_train_bench(args, tmp, model, data, label)
             if args.command in ("precompute", "all"):
                 figures[f"precompute {label}"] = run_precompute_bench(args, tmp, model, data, label)
+    if args.command == "all" and args.real_shapes:
+        figures["real shapes"] = bench_shapes.run_real_shapes(args)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
 
