@@ -91,6 +91,7 @@ def data_check(config_path, overrides, show=0, dump_ids=None):
     require(config, "model_name_or_path", "dataset")
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)
+    click.echo(data.describe())
     click.echo(f"dataset: {config.dataset}")
     click.echo(f"template: {config.template}" + (" (the tokenizer's own)" if config.template == "auto" else ""))
     click.echo(f"rows loaded: {data.num_rows}")

@@ -1,6 +1,6 @@
 """Phase 1: run the frozen reference once over the dataset into the Parquet cache.
 
-    rows = prepare_data(config)                       # the one tokenisation path
+    rows = prepare_data(config)                       # the one tokenisation path, prepared once, memory-mapped
     plan = rows sorted by length -> batches -> parts  # deterministic, so a rerun redoes exactly what is missing
     for each part of this shard not yet in the cache:
         for each batch: ref logps = batch_logps(reference, batch)   # the one log-prob function (halved on OOM)
@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import click
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -22,6 +23,7 @@ from . import cache, modeling
 from .config import Config, require
 from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
+from .data.prepared import PreparedRows
 from .data.tokenize import TokenizedRow
 from .errors import DpoLeanError, Interrupted
 from .logprobs import batch_logps
@@ -29,9 +31,10 @@ from .measure import peak_memory_gb
 from .sharing import prefix_sharing
 
 
-def plan_parts(rows: list[TokenizedRow], batch_size: int, part_rows: int) -> list[list[list[TokenizedRow]]]:
-    """Parts of batches of rows, longest first (an out-of-memory batch shows up at once), ties by row_index."""
-    ordered = sorted(rows, key=lambda r: (-r.length, r.row_index))
+def plan_parts(rows: PreparedRows, batch_size: int, part_rows: int) -> list[list[np.ndarray]]:
+    """Parts of batches of row positions, longest first (an out-of-memory batch shows up at once), ties by
+    row_index; from the length columns, so planning holds no ids."""
+    ordered = np.lexsort((rows.column("row_index"), -rows.column("length").astype(np.int64)))
     batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
     per_part = max(1, part_rows // batch_size)
     return [batches[i:i + per_part] for i in range(0, len(batches), per_part)]
@@ -45,13 +48,14 @@ def shard_of(config: Config) -> tuple[int, int]:
     return config.num_shards, config.shard_index
 
 
-def pending_parts(plan, done: set[int], num_shards: int, shard_index: int):
-    """(plan index, batches of rows not yet cached) for this shard's parts that still miss rows."""
+def pending_parts(plan, row_index: np.ndarray, done: set[int], num_shards: int, shard_index: int):
+    """(plan index, batches of row positions not yet cached) for this shard's parts that still miss rows."""
+    cached = np.fromiter(done, dtype=np.int64, count=len(done))
     for i, part in enumerate(plan):
         if i % num_shards != shard_index:
             continue
-        batches = [[r for r in b if r.row_index not in done] for b in part]
-        batches = [b for b in batches if b]
+        batches = [b[~np.isin(row_index[b], cached)] for b in part]
+        batches = [b for b in batches if len(b)]
         if batches:
             yield i, batches
 
@@ -115,6 +119,7 @@ class _PartResult:
 
 
 def compute_part(score: BatchScorer, batches, progress) -> _PartResult:
+    """``batches``: lists of rows (TokenizedRow), each materialised only while it is scored."""
     cols = {name: [] for name in cache.SCHEMA.names}
     tokens = 0
     for rows in batches:
@@ -144,17 +149,18 @@ def run_precompute(config: Config) -> dict:
     if config.ref_model:
         modeling.check_reference_tokenizer(config, tokenizer)
     data = prepare_data(config, tokenizer)
-    click.echo(f"data: {skip_summary(data)}")
+    click.echo(f"data: {data.describe()}; {skip_summary(data)}")
     if data.skips:
         click.echo(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
     fingerprint = cache.build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
     cache_dir = config.resolved_ref_cache_dir
-    cache.open_for_writing(cache_dir, fingerprint, {r.row_index: r.id for r in data.rows}, config.overwrite_cache)
+    row_index = data.rows.column("row_index")
+    cache.open_for_writing(cache_dir, fingerprint, dict(zip(row_index.tolist(), data.rows.ids)), config.overwrite_cache)
     done = _usable_rows(cache_dir)
 
     num_shards, shard_index = shard_of(config)
     plan = plan_parts(data.rows, config.precompute_ref_batch_size, config.cache_part_rows)
-    todo = list(pending_parts(plan, done, num_shards, shard_index))
+    todo = list(pending_parts(plan, row_index, done, num_shards, shard_index))
     shard = f" (shard {shard_index + 1} of {num_shards})" if num_shards > 1 else ""
     if not todo:
         click.echo(f"cache {cache_dir}: nothing to compute{shard}; {len(done)} rows already cached")
@@ -174,7 +180,7 @@ def run_precompute(config: Config) -> dict:
         with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:
             progress.tokens, progress.t0 = 0, t0
             for plan_index, batches in todo:
-                part = compute_part(score, batches, progress)
+                part = compute_part(score, (data.rows.take(b) for b in batches), progress)
                 name = cache.part_name(plan_index, part.columns["row_index"])
                 cache.write_part(cache_dir, name, part.columns, fingerprint)
     except KeyboardInterrupt:

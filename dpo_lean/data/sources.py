@@ -9,6 +9,7 @@ Rows are located as ``<path> line N`` (JSON, JSON lines, CSV; 1-based) or ``<pat
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -93,6 +94,27 @@ def load_records(dataset: str, dataset_dir: str = "data", max_samples: int | Non
         loaded.num_rows += len(rows)
         loaded.sources.append({"name": spec, "path": path, "sha256": fingerprint, "rows": len(rows), "layout": layout})
     return loaded
+
+
+def source_identity(dataset: str, dataset_dir: str = "data") -> list[dict] | None:
+    """What each dataset spec reads, without reading its rows: the file's sha256 and the format options of its
+    entry; None where a source has no stable identity (a hub dataset without a pinned revision)."""
+    out = []
+    for spec in [s.strip() for s in str(dataset or "").split(",") if s.strip()]:
+        resolved = _resolve(spec, Path(dataset_dir))
+        fmt = dataclasses.asdict(resolved.fmt)
+        if resolved.hub is not None:
+            if not resolved.hub["revision"]:
+                return None
+            out.append({"name": spec, "hub": resolved.hub, "format": fmt})
+            continue
+        try:
+            out.append({"name": spec, "sha256": _sha256(resolved.path), "suffix": resolved.path.suffix.lower(),
+                        "format": fmt})
+        except OSError as exc:
+            raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
+                               "is readable") from None
+    return out
 
 
 # --- finding a dataset --------------------------------------------------------------------------
