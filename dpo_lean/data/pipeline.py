@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import time
 from collections import Counter
@@ -99,7 +100,18 @@ def prepare_data(config: Config, tokenizer, dataset: str | None = None) -> Prepa
 
 
 def _workers(config: Config) -> int:
-    return max(1, config.preprocessing_num_workers or 1)
+    """preprocessing_num_workers, at most the CPUs this process may run on (said once)."""
+    asked = config.preprocessing_num_workers or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if asked > cpus:
+        message = f"preprocessing_num_workers {asked}: this machine has {cpus} CPUs; tokenising in {cpus} processes"
+        if message not in _SAID:
+            _SAID.add(message)
+            click.echo(message)
+    return min(asked, cpus)
+
+
+_SAID: set[str] = set()
 
 
 def _reusable(directory: Path, key: str):

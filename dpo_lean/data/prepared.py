@@ -47,7 +47,7 @@ def prepared_dir(config) -> Path:
     return ref.with_name(ref.name + "_prepared")
 
 
-def fingerprint(config, tokenizer, template_text: str, sources: list[dict] | dict) -> dict:
+def fingerprint(config, tokenizer, template_text: str, sources: dict) -> dict:
     """Everything the ids and skips depend on. ``sources``: the dataset files' identities (sources.source_identity),
     or the content hash of the loaded rows where a source has no stable identity (a hub dataset without revision)."""
     import tokenizers

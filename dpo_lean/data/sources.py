@@ -96,21 +96,20 @@ def load_records(dataset: str, dataset_dir: str = "data", max_samples: int | Non
     return loaded
 
 
-def source_identity(dataset: str, dataset_dir: str = "data") -> list[dict] | None:
+def source_identity(dataset: str, dataset_dir: str = "data") -> dict[str, dict] | None:
     """What each dataset spec reads, without reading its rows: the file's sha256 and the format options of its
     entry; None where a source has no stable identity (a hub dataset without a pinned revision)."""
-    out = []
-    for spec in [s.strip() for s in str(dataset or "").split(",") if s.strip()]:
+    out = {}
+    for n, spec in enumerate(s.strip() for s in str(dataset or "").split(",") if s.strip()):
         resolved = _resolve(spec, Path(dataset_dir))
         fmt = dataclasses.asdict(resolved.fmt)
         if resolved.hub is not None:
             if not resolved.hub["revision"]:
                 return None
-            out.append({"name": spec, "hub": resolved.hub, "format": fmt})
+            out[f"{n}:{spec}"] = {"hub": resolved.hub, "format": fmt}
             continue
         try:
-            out.append({"name": spec, "sha256": _sha256(resolved.path), "suffix": resolved.path.suffix.lower(),
-                        "format": fmt})
+            out[f"{n}:{spec}"] = {"sha256": _sha256(resolved.path), "suffix": resolved.path.suffix.lower(), "format": fmt}
         except OSError as exc:
             raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
                                "is readable") from None
