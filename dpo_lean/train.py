@@ -98,7 +98,7 @@ def to_dataset(rows: PreparedRows, ref: dict | None):
 
     dataset = Dataset.from_file(str(rows.path))
     if rows.positions is not None:
-        dataset = dataset.select(rows.positions)
+        dataset = dataset.select(rows.positions, keep_in_memory=True)  # the index map only; no cache file beside it
     dataset = dataset.select_columns(["row_index", "prompt_ids", "chosen_ids", "rejected_ids", "length"])
     if ref is not None:
         ids = rows.ids

@@ -120,7 +120,7 @@ def test_a_second_data_check_reuses_the_prepared_data(tmp_path, count_tokenising
     tokenised = len(count_tokenising)
     second = invoke("data-check", path)
     assert second.exit_code == 0, second.output
-    folder = tmp_path / "ref_cache_prepared"
+    folder = tmp_path / "output" / "prepared"
     assert second.stdout.splitlines()[0].startswith(f"reused prepared data {folder}")
     assert len(count_tokenising) == tokenised > 0
     assert first.stdout.split("\n", 1)[1] == second.stdout.split("\n", 1)[1]  # the same report, word for word

@@ -79,13 +79,13 @@ def prepare_data(config: Config, tokenizer, dataset: str | None = None) -> Prepa
         loaded = load_records(config.dataset, config.dataset_dir, config.max_samples)
         identity = {"content_sha256": _content_hash(loaded.records), "rows": loaded.num_rows}
     fp = prepared.fingerprint(config, tokenizer, template_text, identity)
-    key, directory = prepared.digest(fp), prepared.prepared_dir(config)
+    key, directory = prepared.digest(fp), config.resolved_prepared_dir
     with prepared.locked(directory):
         found = None if config.overwrite_cache else _reusable(directory, key)
         reused = found is not None
         if found is None:
             prepared.clear_leftovers(directory)
-            reason = prepared.stale_reason(directory, key, fp)
+            reason = prepared.stale_reason(directory, key, config.dataset, fp)
             if reason:
                 click.echo(f"prepared data in {directory} was made for other settings ({reason}); tokenising again")
             loaded = loaded or load_records(config.dataset, config.dataset_dir, config.max_samples)
@@ -125,7 +125,7 @@ def _reusable(directory: Path, key: str):
 def _build(config: Config, tokenizer, template, template_text: str, loaded, directory: Path, key: str, fp: dict):
     batches = encode_batches(loaded.records, tokenizer, template, config.cutoff_len, config.truncation_mode,
                              _workers(config))
-    meta = {"fingerprint": fp, "num_rows": loaded.num_rows, "sources": loaded.sources,
+    meta = {"dataset": config.dataset, "fingerprint": fp, "num_rows": loaded.num_rows, "sources": loaded.sources,
             "content_sha256": _content_hash(loaded.records), "chat_template": template_text}
     first = [(prepared.to_batch([]), list(loaded.skips))]  # the load stage's skips
     prepared.write(directory, key, chain(first, batches), meta)

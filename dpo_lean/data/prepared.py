@@ -1,6 +1,6 @@
 """Prepared data: a dataset's token ids, written once as an Arrow file and memory-mapped by every later command.
 
-    <ref_cache_dir>_prepared/          (default <output_dir>/ref_cache_prepared; the eval set's beside its cache)
+    <prepared_dir>/                    (default <output_dir>/prepared; a sweep's runs and the eval set share it)
       <digest>.arrow    one row per kept pair (Arrow IPC stream, what datasets.Dataset.from_file maps):
                         row_index, id, prompt_ids, chosen_ids, rejected_ids (int32 lists), truncated,
                         prompt_len, chosen_len, rejected_len, length
@@ -10,7 +10,7 @@
 
 The digest hashes everything the ids depend on (:func:`fingerprint`): the dataset files' content and how they are
 read, the tokenizer, the template's definition, cutoff_len, truncation_mode and the library versions. Another
-digest's files in the folder are stale: replaced when the new ones are written.
+digest's files for the same ``dataset`` are stale: removed when the new ones are written.
 """
 
 from __future__ import annotations
@@ -39,12 +39,6 @@ LEN_COLUMNS = ("prompt_len", "chosen_len", "rejected_len")
 SCHEMA = pa.schema([("row_index", pa.int64()), ("id", pa.string()),
                     *[(c, pa.list_(pa.int32())) for c in ID_COLUMNS], ("truncated", pa.bool_()),
                     *[(c, pa.int32()) for c in LEN_COLUMNS], ("length", pa.int32())])
-
-
-def prepared_dir(config) -> Path:
-    """Beside the reference cache, so precompute, train, evaluate and every run of a sweep find the same one."""
-    ref = config.resolved_ref_cache_dir
-    return ref.with_name(ref.name + "_prepared")
 
 
 def fingerprint(config, tokenizer, template_text: str, sources: dict) -> dict:
@@ -146,23 +140,25 @@ def skips_of(meta: dict) -> list[Skip]:
     return [Skip(*s) for s in meta["skips"]]
 
 
-def stale_keys(directory: Path, key: str) -> list[str]:
-    """Digests of the other prepared data in ``directory`` (made for other data or settings)."""
-    return sorted(p.stem for p in directory.glob("*.json") if p.stem != key)
+def _metas(directory: Path, key: str, dataset: str) -> list[tuple[Path, dict]]:
+    """(metadata file, its fingerprint) of the other prepared data of ``dataset`` in ``directory``, oldest first."""
+    out = []
+    for path in sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        if path.stem != key and (not isinstance(meta, dict) or meta.get("dataset") in (dataset, None)):
+            out.append((path, meta.get("fingerprint") if isinstance(meta, dict) else None))
+    return out
 
 
-def stale_reason(directory: Path, key: str, fp: dict) -> str:
-    """'cutoff_len: 1024 -> 2048'-style differences from the newest other prepared data, or ''."""
+def stale_reason(directory: Path, key: str, dataset: str, fp: dict) -> str:
+    """'cutoff_len: 1024 -> 2048'-style differences from the newest other prepared data of ``dataset``, or ''."""
     from ..cache import fingerprint_diff
 
-    others = sorted((directory / f"{k}.json" for k in stale_keys(directory, key)), key=lambda p: p.stat().st_mtime)
-    if not others:
-        return ""
-    try:
-        old = json.loads(others[-1].read_text(encoding="utf-8"))["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return "; ".join(fingerprint_diff(old, fp)[:3])
+    others = [old for _, old in _metas(directory, key, dataset) if isinstance(old, dict)]
+    return "; ".join(fingerprint_diff(others[-1], fp)[:3]) if others else ""
 
 
 # ---------------------------------------------------------------- writing
@@ -221,12 +217,13 @@ def write(directory: Path, key: str, batches: Iterable[tuple[pa.RecordBatch, lis
                            "the folder is writable") from None
     finally:
         tmp.unlink(missing_ok=True)
+    stale = _metas(directory, key, meta["dataset"])
     meta = {**meta, "digest": key, "rows_kept": kept,
             "skips": [[s.row_index, s.source, s.reason, s.detail] for s in sorted(skips, key=lambda s: s.row_index)]}
     atomic_write_text(directory / f"{key}.json", json.dumps(meta) + "\n")  # \u escapes keep lone surrogates
-    for old in stale_keys(directory, key):
-        for suffix in (".json", ".arrow"):
-            (directory / f"{old}{suffix}").unlink(missing_ok=True)
+    for old, _ in stale:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".arrow").unlink(missing_ok=True)
     return meta
 
 
