@@ -50,11 +50,11 @@ def shard_of(config: Config) -> tuple[int, int]:
 
 def pending_parts(plan, row_index: np.ndarray, done: set[int], num_shards: int, shard_index: int):
     """(plan index, batches of row positions not yet cached) for this shard's parts that still miss rows."""
-    cached = np.fromiter(done, dtype=np.int64, count=len(done))
+    is_done = np.isin(row_index, np.fromiter(done, dtype=np.int64, count=len(done)))
     for i, part in enumerate(plan):
         if i % num_shards != shard_index:
             continue
-        batches = [b[~np.isin(row_index[b], cached)] for b in part]
+        batches = [b[~is_done[b]] for b in part]
         batches = [b for b in batches if len(b)]
         if batches:
             yield i, batches

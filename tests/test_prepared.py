@@ -59,7 +59,8 @@ def reference_row(record, tokenizer, template, cutoff_len, mode):
 def batched(recs, tokenizer, template, cutoff_len, mode, workers):
     """What prepare_data writes, read back as rows and skips, through encode_batches with ``workers`` processes."""
     rows, skips = [], []
-    for batch, batch_skips in parallel.encode_batches(recs, tokenizer, template, cutoff_len, mode, workers):
+    chunks = [(recs[i:i + 16], []) for i in range(0, len(recs), 16)]  # many chunks, so their order counts
+    for batch, batch_skips in parallel.encode_batches(chunks, tokenizer, template, cutoff_len, mode, workers):
         rows += prepared.PreparedRows(pa.Table.from_batches([batch], prepared.SCHEMA)).take(range(batch.num_rows))
         skips += batch_skips
     return rows, skips

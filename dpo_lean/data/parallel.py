@@ -1,15 +1,16 @@
 """Records -> prepared record batches, in this process or in ``preprocessing_num_workers`` processes.
 
-Records go out in chunks of CHUNK_ROWS; each comes back as one Arrow record batch of its kept rows (ids as int32
-buffers, cheap to send back) and its skips, in order. Workers are forked, so they start with the tokenizer and
-template already loaded (a spawned worker would import torch and transformers again).
+Records come in chunks (of CHUNK_ROWS, as the loader streams them); each comes back as one Arrow record batch of
+its kept rows (ids as int32 buffers, cheap to send back) and its skips, in order. Workers are forked, so they start
+with the tokenizer and template already loaded (a spawned worker would import torch and transformers again).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import pyarrow as pa
@@ -50,16 +51,27 @@ def _serial_tokenizers():
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
-def encode_batches(records: list[Record], tokenizer, template, cutoff_len: int, mode: str,
+def encode_batches(chunks: Iterable[tuple[list[Record], list[Skip]]], tokenizer, template, cutoff_len: int, mode: str,
                    workers: int = 1) -> Iterator[tuple[pa.RecordBatch, list[Skip]]]:
-    """(record batch, skips) per chunk of ``records``, in order."""
-    chunks = [records[i:i + CHUNK_ROWS] for i in range(0, len(records), CHUNK_ROWS)]
-    workers = max(1, min(workers, len(chunks)))
-    if workers == 1:
-        for chunk in chunks:
-            yield encode_chunk(chunk, tokenizer, template, cutoff_len, mode)
+    """(record batch, skips) per chunk of (records, skips of the load stage), in order; at most two chunks per
+    worker are in flight, so memory holds a few chunks, never the dataset."""
+    if workers <= 1:
+        for records, skips in chunks:
+            batch, more = encode_chunk(records, tokenizer, template, cutoff_len, mode)
+            yield batch, skips + more
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with _serial_tokenizers(), context.Pool(workers, _init, (tokenizer, template, cutoff_len, mode)) as pool:
-        yield from pool.imap(_work, chunks)
+        pending: deque = deque()
+        for records, skips in chunks:
+            pending.append((pool.apply_async(_work, (records,)), skips))
+            if len(pending) >= 2 * workers:
+                yield _result(*pending.popleft())
+        while pending:
+            yield _result(*pending.popleft())
+
+
+def _result(future, skips: list[Skip]) -> tuple[pa.RecordBatch, list[Skip]]:
+    batch, more = future.get()
+    return batch, skips + more

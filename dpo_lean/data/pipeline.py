@@ -19,10 +19,10 @@ from ..config import Config, require
 from ..errors import DpoLeanError
 from ..files import atomic_write_text
 from . import prepared
-from .parallel import encode_batches
+from .parallel import CHUNK_ROWS, encode_batches
 from .prepared import PreparedRows
 from .records import Skip
-from .sources import load_records, source_identity
+from .sources import LoadedData, load_records, source_identity, stream_records
 from .templates import definition_text, template_for
 
 
@@ -88,8 +88,7 @@ def prepare_data(config: Config, tokenizer, dataset: str | None = None) -> Prepa
             reason = prepared.stale_reason(directory, key, config.dataset, fp)
             if reason:
                 click.echo(f"prepared data in {directory} was made for other settings ({reason}); tokenising again")
-            loaded = loaded or load_records(config.dataset, config.dataset_dir, config.max_samples)
-            _build(config, tokenizer, template, template_text, loaded, directory, key, fp)
+            _build(config, tokenizer, template, template_text, directory, key, fp, loaded)
             found = prepared.read(directory, key)
     meta, rows = found
     data = PreparedData(rows, prepared.skips_of(meta), meta["num_rows"], meta["sources"], meta["content_sha256"],
@@ -122,13 +121,27 @@ def _reusable(directory: Path, key: str):
         return None
 
 
-def _build(config: Config, tokenizer, template, template_text: str, loaded, directory: Path, key: str, fp: dict):
-    batches = encode_batches(loaded.records, tokenizer, template, config.cutoff_len, config.truncation_mode,
-                             _workers(config))
-    meta = {"dataset": config.dataset, "fingerprint": fp, "num_rows": loaded.num_rows, "sources": loaded.sources,
-            "content_sha256": _content_hash(loaded.records), "chat_template": template_text}
-    first = [(prepared.to_batch([]), list(loaded.skips))]  # the load stage's skips
-    prepared.write(directory, key, chain(first, batches), meta)
+def _build(config: Config, tokenizer, template, template_text: str, directory: Path, key: str, fp: dict,
+           loaded: LoadedData | None) -> None:
+    """Stream the rows (or take the ``loaded`` ones) through the tokenizer into prepared data ``key``."""
+    summary = loaded or LoadedData()
+    if loaded is not None:
+        n = CHUNK_ROWS
+        chunks = chain([([], list(loaded.skips))], ((loaded.records[i:i + n], []) for i in range(0, len(loaded.records), n)))
+    else:
+        chunks = stream_records(config.dataset, config.dataset_dir, config.max_samples, summary, CHUNK_ROWS)
+    content = hashlib.sha256()
+
+    def hashed():
+        for records, skips in chunks:
+            for r in records:
+                content.update(f"{r.row_index}:{r.id}\n".encode())
+            yield records, skips
+
+    batches = encode_batches(hashed(), tokenizer, template, config.cutoff_len, config.truncation_mode, _workers(config))
+    prepared.write(directory, key, batches, lambda: {
+        "dataset": config.dataset, "fingerprint": fp, "num_rows": summary.num_rows, "sources": summary.sources,
+        "content_sha256": content.hexdigest(), "chat_template": template_text})
 
 
 def _check_skips(data: PreparedData, config: Config) -> None:

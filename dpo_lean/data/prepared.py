@@ -19,7 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
@@ -197,8 +197,10 @@ def to_batch(rows: list[TokenizedRow]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, schema=SCHEMA)
 
 
-def write(directory: Path, key: str, batches: Iterable[tuple[pa.RecordBatch, list[Skip]]], meta: dict) -> dict:
-    """Write the batches (in row_index order) and the metadata, crash-safe; remove stale prepared data."""
+def write(directory: Path, key: str, batches: Iterable[tuple[pa.RecordBatch, list[Skip]]],
+          metadata: Callable[[], dict]) -> dict:
+    """Write the batches (in row_index order), then ``metadata()`` (known once they are through), crash-safe; remove
+    stale prepared data of the same dataset."""
     arrow_path = directory / f"{key}.arrow"
     tmp = directory / f".{key}.arrow.{os.getpid()}.tmp"
     skips, kept = [], 0
@@ -217,6 +219,7 @@ def write(directory: Path, key: str, batches: Iterable[tuple[pa.RecordBatch, lis
                            "the folder is writable") from None
     finally:
         tmp.unlink(missing_ok=True)
+    meta = metadata()
     stale = _metas(directory, key, meta["dataset"])
     meta = {**meta, "digest": key, "rows_kept": kept,
             "skips": [[s.row_index, s.source, s.reason, s.detail] for s in sorted(skips, key=lambda s: s.row_index)]}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DpoLeanError
-from .formats import FormatSpec, UnusableRow, normalise_rows
+from .formats import FormatSpec, UnusableRow, detect_layout, normalise_rows
 from .records import Record, Skip
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -65,35 +65,67 @@ class _Resolved:
 
 def load_records(dataset: str, dataset_dir: str = "data", max_samples: int | None = None) -> LoadedData:
     """Load comma-separated dataset specs in order; ``max_samples`` keeps the first N rows of each."""
+    loaded = LoadedData()
+    for records, skips in stream_records(dataset, dataset_dir, max_samples, loaded):
+        loaded.records += records
+        loaded.skips += skips
+    return loaded
+
+
+def stream_records(dataset: str, dataset_dir: str = "data", max_samples: int | None = None,
+                   summary: LoadedData | None = None, chunk_rows: int = 1024) -> Iterator[tuple[list[Record], list[Skip]]]:
+    """:func:`load_records` chunk by chunk, holding one chunk of rows at a time (a JSON lines file is read line by
+    line; a JSON array is read whole). Each file is read twice: once to check it and detect its layout (from all
+    its rows), then to normalise it. ``summary`` gets num_rows and sources as each dataset ends."""
     if max_samples is not None and max_samples < 0:
         raise DpoLeanError(f"max_samples is {max_samples}; use a positive number or leave it unset")
     specs = [spec.strip() for spec in str(dataset or "").split(",") if spec.strip()]
     if not specs:
         raise DpoLeanError("dataset is empty; set it to a file path, a name from dataset_info.json or a hub id")
-    loaded = LoadedData()
+    summary = summary if summary is not None else LoadedData()
     for spec in specs:
         resolved = _resolve(spec, Path(dataset_dir))
-        if resolved.hub is not None:
-            rows, fingerprint = _read_hub(resolved, max_samples)
-            path = resolved.hub["id"]
-        else:
-            try:
-                rows, fingerprint = _read_file(resolved.path, max_samples), _sha256(resolved.path)
-            except OSError as exc:
-                raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
-                                   "is readable") from None
-            path = str(resolved.path.resolve())
         label = str(resolved.path or spec)
-        if not rows and max_samples != 0:
-            raise DpoLeanError(f"{label}: dataset '{spec}' has no rows; point at a file with preference pairs")
         fmt = replace(resolved.fmt, text_cells=resolved.path is not None and resolved.path.suffix.lower() == ".csv")
-        records, skips, layout = (normalise_rows(rows, name=spec, label=label, spec=fmt, start_index=loaded.num_rows)
-                                  if rows else ([], [], None))
-        loaded.records += records
-        loaded.skips += skips
-        loaded.num_rows += len(rows)
-        loaded.sources.append({"name": spec, "path": path, "sha256": fingerprint, "rows": len(rows), "layout": layout})
-    return loaded
+        open_rows, path, fingerprint = _rows_of(resolved, max_samples)
+        count = [0]
+        try:
+            layout = detect_layout(_counted(open_rows(), count), fmt)
+        except OSError as exc:
+            raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
+                               "is readable") from None
+        if not count[0] and max_samples != 0:
+            raise DpoLeanError(f"{label}: dataset '{spec}' has no rows; point at a file with preference pairs")
+        if count[0] and layout is None:
+            normalise_rows(list(open_rows()), name=spec, label=label, spec=fmt)  # raises: no row matches a layout
+        start = summary.num_rows
+        rows = open_rows()
+        while chunk := list(islice(rows, chunk_rows)):
+            records, skips, _ = normalise_rows(chunk, name=spec, label=label, spec=fmt, start_index=start, layout=layout)
+            start += len(chunk)
+            yield records, skips
+        summary.num_rows += count[0]
+        summary.sources.append({"name": spec, "path": path, "sha256": fingerprint, "rows": count[0],
+                                "layout": layout if count[0] else None})
+
+
+def _rows_of(resolved: _Resolved, max_samples: int | None):
+    """(a function that opens the rows afresh, the path recorded, the content fingerprint) of one dataset."""
+    if resolved.hub is not None:
+        rows, fingerprint = _read_hub(resolved, max_samples)
+        return (lambda: iter(rows)), resolved.hub["id"], fingerprint
+    try:
+        fingerprint = _sha256(resolved.path)
+    except OSError as exc:
+        raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
+                           "is readable") from None
+    return (lambda: islice(_iter_file(resolved.path), max_samples)), str(resolved.path.resolve()), fingerprint
+
+
+def _counted(rows, count: list[int]):
+    for _, data in rows:
+        count[0] += 1
+        yield data
 
 
 def source_identity(dataset: str, dataset_dir: str = "data") -> dict[str, dict] | None:
@@ -211,21 +243,27 @@ def _registered_file(file_name: str, base: Path, where: str) -> Path:
 
 # --- reading rows -------------------------------------------------------------------------------
 
-def _read_file(path: Path, max_samples: int | None) -> Rows:
-    """The first ``max_samples`` rows of a local file with their locations."""
+def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+    """The rows of a local file with their locations."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        rows = _parquet_rows(path)
-    elif suffix == ".csv":
-        rows = _csv_rows(path)
-    else:
-        data = path.read_bytes()
-        text = _decode(data, path) if suffix == ".json" and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else None
-        if text is not None and not _first_line_is_a_row(text):
-            rows = _json_array_rows(path, text)
-        else:
-            rows = _jsonl_rows(path, data)
-    return list(islice(rows, max_samples))
+        return _parquet_rows(path)
+    if suffix == ".csv":
+        return _csv_rows(path)
+    if suffix == ".jsonl":
+        return _jsonl_rows(path, _file_lines(path))
+    data = path.read_bytes()
+    text = _decode(data, path) if suffix == ".json" and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else None
+    if text is not None and not _first_line_is_a_row(text):
+        return _json_array_rows(path, text)
+    return _jsonl_rows(path, data.split(b"\n"))
+
+
+def _file_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a file without their line breaks, read as they are needed."""
+    with path.open("rb") as handle:
+        for line in handle:
+            yield line[:-1] if line.endswith(b"\n") else line
 
 
 def _first_line_is_a_row(text: str) -> bool:
@@ -250,9 +288,9 @@ def _decode(data: bytes, path: Path) -> str:
         raise DpoLeanError(f"{path} line {line}: not valid UTF-8; re-save the file as UTF-8") from None
 
 
-def _jsonl_rows(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
-    """One JSON value per non-blank line."""
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+def _jsonl_rows(path: Path, lines) -> Iterator[tuple[str, Any]]:
+    """One JSON value per non-blank line (``lines``: the file's lines, without line breaks)."""
+    for number, raw in enumerate(lines, start=1):
         try:
             line = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
