@@ -234,3 +234,19 @@ def test_precompute_then_train_tokenise_once_in_total(tmp_path, count_tokenising
     train = invoke("train", path)
     assert train.exit_code == 0, train.output
     assert sorted(count_tokenising) == tokenised and "data: reused prepared data" in train.stdout
+
+
+@pytest.mark.parametrize("name", ["bad_rows.jsonl", "sharegpt.json", "alpaca.csv", "trl_standard.jsonl"])
+def test_streamed_chunks_hold_the_rows_and_skips_of_a_whole_load(name):
+    """One row a chunk: the same records, skips and sources as the whole file at once (the layout is detected
+    over all rows in a first pass, not per chunk)."""
+    from dpo_lean.data.sources import LoadedData, stream_records
+
+    path = str(FIXTURES / "data" / name)
+    whole = load_records(path)
+    summary, records, skips = LoadedData(), [], []
+    for chunk_records, chunk_skips in stream_records(path, summary=summary, chunk_rows=1):
+        assert len(chunk_records) + len(chunk_skips) == 1
+        records += chunk_records
+        skips += chunk_skips
+    assert (records, skips, summary.num_rows, summary.sources) == (whole.records, whole.skips, whole.num_rows, whole.sources)

@@ -170,7 +170,7 @@ def locked(directory: Path):
         directory.mkdir(parents=True, exist_ok=True)
         handle = open(directory / ".lock", "a+")
     except OSError as e:
-        raise DpoLeanError(f"cannot create prepared data folder {directory}: {e.strerror or e}; set ref_cache_dir "
+        raise DpoLeanError(f"cannot create prepared data folder {directory}: {e.strerror or e}; set prepared_dir "
                            "(or output_dir) to a writable folder") from None
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
