@@ -250,3 +250,17 @@ def test_streamed_chunks_hold_the_rows_and_skips_of_a_whole_load(name):
         records += chunk_records
         skips += chunk_skips
     assert (records, skips, summary.num_rows, summary.sources) == (whole.records, whole.skips, whole.num_rows, whole.sources)
+
+
+def test_rows_are_gathered_in_the_order_asked_across_the_file_batches(tmp_path, tiny_tokenizer):
+    config = from_dict(dict(dataset="demo_case", dataset_dir=str(FIXTURES / "demo"), template="auto", output_dir=str(tmp_path)))
+    rows = prepare_data(config, tiny_tokenizer).rows
+    table = rows.table
+    small = prepared.PreparedRows(pa.Table.from_batches(table.to_batches(max_chunksize=5)))  # many batches
+    order = [len(small) - 1, 0, 7, 3, 12, 5, 5]
+    expected = table.take(pa.array(order)).to_pylist()
+    got = small.take(order)
+    assert [(r.row_index, r.prompt_ids, r.chosen_ids, r.rejected_ids) for r in got] == [
+        (e["row_index"], e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in expected]
+    view = small.subset(order[::-1])
+    assert view.take([0, 2]) == [got[-1], got[-3]] and list(view)[-1] == got[0]

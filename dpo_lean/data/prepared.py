@@ -72,6 +72,8 @@ class PreparedRows(Sequence):
 
     def __init__(self, table: pa.Table, path: Path | None = None, positions: np.ndarray | None = None):
         self.table, self.path, self.positions = table, path, positions
+        self._batches = table.to_batches()  # zero-copy; a take on the whole table would first join its chunks
+        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
 
     def __len__(self) -> int:
         return self.table.num_rows if self.positions is None else len(self.positions)
@@ -92,11 +94,17 @@ class PreparedRows(Sequence):
         return positions if self.positions is None else self.positions[positions]
 
     def take(self, positions) -> list[TokenizedRow]:
-        """The rows at these positions, as Python objects."""
-        part = self.table.take(pa.array(self._table_positions(positions), type=pa.int64()))
-        c = {name: part.column(name).to_pylist() for name in ("row_index", "id", *ID_COLUMNS, "truncated")}
-        return [TokenizedRow(*values) for values in
-                zip(c["row_index"], c["id"], c["prompt_ids"], c["chosen_ids"], c["rejected_ids"], c["truncated"])]
+        """The rows at these positions, as Python objects, gathered batch by batch of the file (no copy of the rest)."""
+        pos = self._table_positions(positions)
+        out: list = [None] * len(pos)
+        batch_of = np.searchsorted(self._starts, pos, side="right") - 1
+        for b in np.unique(batch_of):
+            where = np.nonzero(batch_of == b)[0]
+            part = self._batches[b].take(pa.array(pos[where] - self._starts[b], type=pa.int64()))
+            c = [part.column(name).to_pylist() for name in ("row_index", "id", *ID_COLUMNS, "truncated")]
+            for i, values in zip(where, zip(*c)):
+                out[i] = TokenizedRow(*values)
+        return out
 
     def column(self, name: str) -> np.ndarray:
         """A scalar column (row_index, truncated, *_len, length) of these rows."""
