@@ -149,7 +149,8 @@ def run_precompute(config: Config) -> dict:
     if config.ref_model:
         modeling.check_reference_tokenizer(config, tokenizer)
     data = prepare_data(config, tokenizer)
-    click.echo(f"data: {data.describe()}; {skip_summary(data)}")
+    click.echo(data.describe())
+    click.echo(f"data: {skip_summary(data)}")
     if data.skips:
         click.echo(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
     fingerprint = cache.build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))

@@ -380,7 +380,8 @@ def run_train(config: Config) -> dict:
     from .reporting import MetricsWriter
 
     tokenizer, data, fingerprint, ref = prepare_run(config)
-    _say(f"data: {data.describe()}; {skip_summary(data)}")
+    _say(data.describe())
+    _say(f"data: {skip_summary(data)}")
     if data.skips and is_main_process():
         _say(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
     train_rows, eval_set = split_eval(config, tokenizer, data, ref)
