@@ -104,12 +104,13 @@ class Config:
     max_samples: int | None = _key(None, "Use at most this many rows of each dataset (the first ones).", group="data", min=1)
     val_size: float = _key(0.0, "Held-out share of the rows (< 1) or row count (>= 1) for evaluation.", group="data", min=0.0)
     strict: bool = _key(False, "Turn any skipped row into an error.", group="data", lf=None)
-    preprocessing_num_workers: int | None = _key(None, "No effect yet: tokenisation runs in one process.", group="data", lf="no effect")
+    preprocessing_num_workers: int | None = _key(None, "Processes that tokenise the dataset into its prepared data (LF's datasets.map num_proc); null or 1 = this process; more than the machine's CPUs runs as many as it has. Later commands reuse the prepared data.", group="data", min=1)
 
     # --- reference cache ---
     ref_cache_dir: str | None = _key(None, "Reference log-prob cache directory; default <output_dir>/ref_cache. (LLaMA-Factory's cache_dir is the hub cache, so this key has its own name.)", group="cache", lf=None)
+    prepared_dir: str | None = _key(None, "Where the tokenised dataset (prepared data, README: Data) is kept and reused by every command; default <output_dir>/prepared. A sweep's runs share their base's.", group="cache", lf=None)
     eval_ref_cache_dir: str | None = _key(None, "Reference log-prob cache of eval_dataset; default <ref_cache_dir>_eval (a sibling folder, so each cache stays one Parquet table).", group="cache", lf=None)
-    overwrite_cache: bool = _key(False, "precompute: replace an existing cache whose fingerprint differs (LF: re-tokenise instead of reusing its cache).", group="cache")
+    overwrite_cache: bool = _key(False, "precompute: replace an existing cache whose fingerprint differs; every command: tokenise again instead of reusing the prepared data (as LF re-tokenises instead of reusing its cache).", group="cache")
     precompute_ref_batch_size: int = _key(8, "Rows per batch in precompute (each row is a chosen and a rejected sequence).", group="cache", min=1, lf=None)
     cache_part_rows: int = _key(512, "Rows per Parquet part; a crash loses at most one part of work.", group="cache", min=1, lf=None)
     num_shards: int = _key(1, "precompute: split the rows into this many shards (auto under torchrun/accelerate).", group="cache", min=1, lf=None)
@@ -170,6 +171,10 @@ class Config:
         return Path(self.ref_cache_dir) if self.ref_cache_dir else Path(self.output_dir) / "ref_cache"
 
     @property
+    def resolved_prepared_dir(self) -> Path:
+        return Path(self.prepared_dir) if self.prepared_dir else Path(self.output_dir) / "prepared"
+
+    @property
     def resolved_eval_ref_cache_dir(self) -> Path:
         if self.eval_ref_cache_dir:
             return Path(self.eval_ref_cache_dir)
@@ -184,6 +189,7 @@ class Config:
         """
         return dataclasses.replace(self, dataset=self.eval_dataset, eval_dataset=None, val_size=0.0,
                                    ref_cache_dir=str(self.resolved_eval_ref_cache_dir),
+                                   prepared_dir=str(self.resolved_prepared_dir),
                                    output_dir=str(Path(self.output_dir) / "eval"))
 
     def cache_configs(self) -> list[Config]:

@@ -25,6 +25,7 @@ def run_data_check(config: Config, show: int = 0, dump_ids: str | None = None) -
     require(config, "model_name_or_path", "dataset")
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer, require_rows=False)
+    click.echo(data.describe())
     click.echo(f"dataset: {config.dataset}")
     click.echo(f"template: {config.template}" + (" (the tokenizer's own)" if config.template == "auto" else ""))
     _print_counts(data)

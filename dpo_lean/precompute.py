@@ -1,6 +1,6 @@
 """Phase 1: run the frozen reference once over the dataset into the Parquet cache.
 
-    rows = prepare_data(config)                       # the one tokenisation path
+    rows = prepare_data(config)                       # the one tokenisation path, prepared once, memory-mapped
     plan = rows sorted by length -> batches -> parts  # deterministic, so a rerun redoes exactly what is missing
     for each part of this shard with rows not yet in the cache (by id: added rows only, when the dataset grew):
         for each batch: ref logps = batch_logps(reference, batch)   # the one log-prob function (halved on OOM)
@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import click
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -22,6 +23,7 @@ from . import cache, modeling
 from .config import Config, require
 from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
+from .data.prepared import PreparedRows
 from .data.tokenize import TokenizedRow
 from .errors import DpoLeanError, Interrupted
 from .fingerprint import build_fingerprint
@@ -30,9 +32,10 @@ from .measure import peak_memory_gb
 from .sharing import prefix_sharing
 
 
-def plan_parts(rows: list[TokenizedRow], batch_size: int, part_rows: int) -> list[list[list[TokenizedRow]]]:
-    """Parts of batches of rows, longest first (an out-of-memory batch shows up at once), ties by row_index."""
-    ordered = sorted(rows, key=lambda r: (-r.length, r.row_index))
+def plan_parts(rows: PreparedRows, batch_size: int, part_rows: int) -> list[list[np.ndarray]]:
+    """Parts of batches of row positions, longest first (an out-of-memory batch shows up at once), ties by
+    row_index; from the length columns, so planning holds no ids."""
+    ordered = np.lexsort((rows.column("row_index"), -rows.column("length").astype(np.int64)))
     batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
     per_part = max(1, part_rows // batch_size)
     return [batches[i:i + per_part] for i in range(0, len(batches), per_part)]
@@ -46,21 +49,22 @@ def shard_of(config: Config) -> tuple[int, int]:
     return config.num_shards, config.shard_index
 
 
-def distinct_rows(rows: list[TokenizedRow]) -> list[TokenizedRow]:
-    """The first row of each id: identical rows share one cached entry."""
-    seen: dict[str, TokenizedRow] = {}
-    for r in rows:
-        seen.setdefault(r.id, r)
-    return list(seen.values())
+def distinct_positions(ids: list[str]) -> np.ndarray:
+    """Positions of the first row of each id: identical rows share one cached entry."""
+    first: dict[str, int] = {}
+    for position, row_id in enumerate(ids):
+        first.setdefault(row_id, position)
+    return np.fromiter(first.values(), dtype=np.int64, count=len(first))
 
 
-def pending_parts(plan, done: set[str], num_shards: int, shard_index: int):
-    """(plan index, batches of rows not yet cached, by id) for this shard's parts that still miss rows."""
+def pending_parts(plan, ids: list[str], done: set[str], num_shards: int, shard_index: int):
+    """(plan index, batches of row positions not yet cached, by id) for this shard's parts that still miss rows."""
+    is_done = np.fromiter((row_id in done for row_id in ids), dtype=bool, count=len(ids))
     for i, part in enumerate(plan):
         if i % num_shards != shard_index:
             continue
-        batches = [[r for r in b if r.id not in done] for b in part]
-        batches = [b for b in batches if b]
+        batches = [b[~is_done[b]] for b in part]
+        batches = [b for b in batches if len(b)]
         if batches:
             yield i, batches
 
@@ -124,6 +128,7 @@ class _PartResult:
 
 
 def compute_part(score: BatchScorer, batches, progress) -> _PartResult:
+    """``batches``: lists of rows (TokenizedRow), each materialised only while it is scored."""
     cols = {name: [] for name in cache.SCHEMA.names}
     tokens = 0
     for rows in batches:
@@ -154,23 +159,27 @@ def run_precompute(config: Config) -> dict:
     if config.ref_model:
         modeling.check_reference_tokenizer(config, tokenizer)
     data = prepare_data(config, tokenizer)
+    click.echo(data.describe())
     click.echo(f"data: {skip_summary(data)}")
     if data.skips:
         click.echo(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
     fingerprint = build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
     cache_dir = config.resolved_ref_cache_dir
-    rows = distinct_rows(data.rows)
+    distinct = distinct_positions(data.rows.ids)
+    rows = data.rows.subset(distinct)
     if len(rows) < len(data.rows):
         click.echo(f"precompute: {len(data.rows) - len(rows)} rows repeat another row's content (same id); "
                    f"{len(rows)} distinct rows, each cached once and used by all its copies")
-    cache.open_for_writing(cache_dir, fingerprint, {r.id: r.row_index for r in rows}, config.overwrite_cache)
+    ids = rows.ids
+    cache.open_for_writing(cache_dir, fingerprint, dict(zip(ids, rows.column("row_index").tolist())),
+                           config.overwrite_cache)
     done = _usable_rows(cache_dir, rows)
 
     num_shards, shard_index = shard_of(config)
     plan = plan_parts(rows, config.precompute_ref_batch_size, config.cache_part_rows)
-    todo = list(pending_parts(plan, done, num_shards, shard_index))
+    todo = list(pending_parts(plan, ids, done, num_shards, shard_index))
     shard = f" (shard {shard_index + 1} of {num_shards})" if num_shards > 1 else ""
-    cached = sum(r.id in done for r in rows)
+    cached = sum(row_id in done for row_id in ids)
     if not todo:
         click.echo(f"cache {cache_dir}: nothing to compute{shard}; {cached} of {len(rows)} rows already cached")
         return _finish(cache_dir, {"rows": 0, "tokens": 0, "seconds": 0.0})
@@ -190,7 +199,7 @@ def run_precompute(config: Config) -> dict:
         with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:
             progress.tokens, progress.t0 = 0, t0
             for plan_index, batches in todo:
-                part = compute_part(score, batches, progress)
+                part = compute_part(score, (rows.take(b) for b in batches), progress)
                 name = cache.part_name(plan_index, part.columns["id"])
                 cache.write_part(cache_dir, name, part.columns, fingerprint)
     except KeyboardInterrupt:
@@ -204,7 +213,7 @@ def run_precompute(config: Config) -> dict:
                                "peak_memory_gb": round(peak_memory_gb(dev), 3)})
 
 
-def _usable_rows(cache_dir, rows: list[TokenizedRow]) -> set[str]:
+def _usable_rows(cache_dir, rows: PreparedRows) -> set[str]:
     """Ids of the rows in complete, matching parts. Parts that are unreadable or foreign are removed, and so is a
     part holding one of ``rows`` under other token ids than it tokenises to now."""
     state = cache.scan(cache_dir)
@@ -219,13 +228,17 @@ def _usable_rows(cache_dir, rows: list[TokenizedRow]) -> set[str]:
     return set(state.table.column("id").to_pylist())
 
 
-def _changed_ids(state: cache.CacheState, rows: list[TokenizedRow]) -> list[str]:
+def _changed_ids(state: cache.CacheState, rows: PreparedRows) -> list[str]:
     """'part: row N ...' for the first cached row of each part whose ids hash is not this run's tokenisation."""
-    digests = {r.id: (r.row_index, cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids)) for r in rows}
+    cached_ids, hashes = state.table.column("id").to_pylist(), state.table.column("ids_sha256").to_pylist()
+    wanted, digests = set(cached_ids), {}
+    for start in range(0, len(rows), 1024):  # batch by batch: the ids stay in the prepared file
+        for r in rows.take(range(start, min(start + 1024, len(rows)))):
+            if r.id in wanted:
+                digests[r.id] = (r.row_index, cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids))
     problems, start = {}, 0
-    ids, hashes = state.table.column("id").to_pylist(), state.table.column("ids_sha256").to_pylist()
     for name, n in state.parts:
-        for row_id, h in zip(ids[start:start + n], hashes[start:start + n]):
+        for row_id, h in zip(cached_ids[start:start + n], hashes[start:start + n]):
             if row_id in digests and digests[row_id][1] != h and name not in problems:
                 problems[name] = f"{name}: row {digests[row_id][0]} was cached from other token ids"
         start += n

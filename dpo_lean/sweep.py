@@ -43,7 +43,8 @@ CACHE_KEYS = frozenset({
     "truncation_mode", "dataset", "dataset_dir", "eval_dataset", "max_samples", "adapter_name_or_path", "create_new_adapter",
     "ref_model", "ref_model_adapters", "ref_model_quantization_bit"})
 # Keys the sweep sets for each run itself.
-RUN_KEYS = frozenset({"output_dir", "ref_cache_dir", "eval_ref_cache_dir", "resume_from_checkpoint", "overwrite_cache"})
+RUN_KEYS = frozenset({"output_dir", "ref_cache_dir", "eval_ref_cache_dir", "prepared_dir", "resume_from_checkpoint",
+                      "overwrite_cache"})
 RESULT_COLUMNS = ("eval_rewards/accuracies", "eval_rewards/margins", "eval_loss", "train_loss", "runtime_seconds")
 CSV_NAME, MARKDOWN_NAME, PLOT_NAME = "sweep_results.csv", "sweep_results.md", "sweep_curves.png"
 
@@ -110,7 +111,8 @@ def plan_runs(config_path, fixed: list[str], axes: list[tuple[str, list[str]]], 
         name = run_folder_name(values)
         config = dataclasses.replace(
             config, output_dir=str(sweep_dir(base) / name), ref_cache_dir=str(base.resolved_ref_cache_dir),
-            eval_ref_cache_dir=str(base.resolved_eval_ref_cache_dir), resume_from_checkpoint=None)
+            eval_ref_cache_dir=str(base.resolved_eval_ref_cache_dir), prepared_dir=str(base.resolved_prepared_dir),
+            resume_from_checkpoint=None)
         runs.append(Run(name, values, config))
     names = [r.name for r in runs]
     if len(set(names)) < len(names):

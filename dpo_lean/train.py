@@ -1,6 +1,6 @@
 """Phase 2: train the LoRA policy against the reference cache, on transformers' Trainer.
 
-    rows   = prepare_data(config)                        # the same tokenisation as precompute
+    rows   = prepare_data(config)                        # precompute's prepared data, memory-mapped
     ref    = verified cache, joined to rows by id        # refuses a stale or incomplete cache; none for
                                                          # reference-free losses (orpo, simpo)
     policy = 4-bit (or plain) base + LoRA                # no reference model, ever
@@ -25,7 +25,7 @@ from . import adapters, cache, faults, modeling
 from .config import Config, require
 from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
-from .data.tokenize import TokenizedRow
+from .data.prepared import PreparedRows
 from .errors import DpoLeanError, Interrupted
 from .fingerprint import build_fingerprint, fingerprint_diff
 from .logprobs import batch_scores
@@ -40,7 +40,7 @@ from .sharing import prefix_sharing
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps", "ref_rejected_tail_logps")
 
 
-def load_reference(config: Config, fingerprint: dict, rows: list[TokenizedRow],
+def load_reference(config: Config, fingerprint: dict, rows: PreparedRows,
                    what: str = "training rows") -> dict[str, tuple[float, ...]]:
     """id -> the REF_COLUMNS values for every row, after checking the cache is the right one and that each
     row was cached from the token ids it has now. Cached rows the dataset no longer holds are not used."""
@@ -59,48 +59,51 @@ def load_reference(config: Config, fingerprint: dict, rows: list[TokenizedRow],
                            "rerun `dpo-lean precompute CONFIG.yaml` to repair it")
     table = state.table.to_pydict()
     by_id = {i: k for k, i in enumerate(table["id"])}
-    missing = [r for r in rows if r.id not in by_id]
+    ids, row_index = rows.ids, rows.column("row_index")
+    missing = [n for n, i in enumerate(ids) if i not in by_id]
     if missing:
         raise DpoLeanError(f"{len(missing)} of {len(rows)} {what} are not in the cache {cache_dir} (first: row "
-                           f"{missing[0].row_index}); run `dpo-lean precompute CONFIG.yaml` to compute them "
+                           f"{row_index[missing[0]]}); run `dpo-lean precompute CONFIG.yaml` to compute them "
                            "(only they are computed)")
     ref = {}
-    for r in rows:
-        k = by_id[r.id]
-        if table["ids_sha256"][k] != cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids):
-            raise DpoLeanError(f"cache {cache_dir}: row {r.row_index} (id {r.id}) was cached from other token ids "
-                               "than it tokenises to now; rerun `dpo-lean precompute CONFIG.yaml` to recompute it")
-        ref[r.id] = tuple(table[c][k] for c in REF_COLUMNS)
+    for start in range(0, len(rows), 1024):  # batch by batch: the ids stay in the prepared file
+        for r in rows.take(range(start, min(start + 1024, len(rows)))):
+            k = by_id[r.id]
+            if table["ids_sha256"][k] != cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids):
+                raise DpoLeanError(f"cache {cache_dir}: row {r.row_index} (id {r.id}) was cached from other token "
+                                   "ids than it tokenises to now; rerun `dpo-lean precompute CONFIG.yaml` to recompute it")
+            ref[r.id] = tuple(table[c][k] for c in REF_COLUMNS)
     return ref
 
 
-def split_rows(rows: list[TokenizedRow], val_size: float, seed: int) -> tuple[list, list]:
+def split_rows(rows: PreparedRows, val_size: float, seed: int) -> tuple[PreparedRows, PreparedRows]:
     """Held-out rows chosen by seed: ``val_size`` < 1 is a share, >= 1 a count."""
     if not val_size:
-        return rows, []
+        return rows, rows.subset([])
     n_val = int(val_size) if val_size >= 1 else max(1, round(val_size * len(rows)))
     if n_val >= len(rows):
         raise DpoLeanError(f"config key 'val_size': {val_size} leaves no training rows ({len(rows)} rows kept)")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_val])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    return (rows.subset([i for i in range(len(rows)) if i not in held]),
+            rows.subset([i for i in range(len(rows)) if i in held]))
 
 
-def to_dataset(rows: list[TokenizedRow], ref: dict | None):
-    """The rows as a datasets.Dataset, with their reference columns (none for a reference-free run)."""
+def to_dataset(rows: PreparedRows, ref: dict | None):
+    """The rows as a datasets.Dataset memory-mapped from the prepared Arrow file, with their reference columns
+    (none for a reference-free run); ids become Python lists only batch by batch, in the collator."""
     from datasets import Dataset
 
-    columns = {
-        "row_index": [r.row_index for r in rows],
-        "prompt_ids": [r.prompt_ids for r in rows],
-        "chosen_ids": [r.chosen_ids for r in rows],
-        "rejected_ids": [r.rejected_ids for r in rows],
-        "length": [r.length for r in rows],
-    }
-    for i, name in enumerate(REF_COLUMNS if ref is not None else ()):
-        columns[name] = [ref[r.id][i] for r in rows]
-    return Dataset.from_dict(columns)
+    dataset = Dataset.from_file(str(rows.path))
+    if rows.positions is not None:
+        dataset = dataset.select(rows.positions, keep_in_memory=True)  # the index map only; no cache file beside it
+    dataset = dataset.select_columns(["row_index", "prompt_ids", "chosen_ids", "rejected_ids", "length"])
+    if ref is not None:
+        ids = rows.ids
+        for i, name in enumerate(REF_COLUMNS):
+            dataset = dataset.add_column(name, [ref[r][i] for r in ids])
+    return dataset
 
 
 @dataclass
@@ -325,13 +328,13 @@ def prepare_run(config: Config):
 class EvalSet:
     """Rows to evaluate on, with their reference log-probs, and where they come from."""
 
-    rows: list[TokenizedRow]
+    rows: PreparedRows
     ref: dict[str, tuple[float, ...]] | None  # None for a reference-free run
     source: str
     fingerprint: dict | None = None  # the eval_dataset cache's; None for rows held out of the training cache
 
 
-def split_eval(config: Config, tokenizer, data, ref) -> tuple[list[TokenizedRow], EvalSet]:
+def split_eval(config: Config, tokenizer, data, ref) -> tuple[PreparedRows, EvalSet]:
     """Training rows and the eval set: eval_dataset with its own cache, or the val_size rows held out by seed."""
     if config.eval_dataset:
         return data.rows, load_eval_dataset(config, tokenizer)
@@ -376,6 +379,7 @@ def run_train(config: Config) -> dict:
     from .reporting import MetricsWriter
 
     tokenizer, data, fingerprint, ref = prepare_run(config)
+    _say(data.describe())
     _say(f"data: {skip_summary(data)}")
     if data.skips and is_main_process():
         _say(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")

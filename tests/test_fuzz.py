@@ -677,6 +677,7 @@ def test_regression_unreadable_data_file_is_one_line_error(tmp_path, monkeypatch
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: refuse(self))  # JSON lines are streamed from open()
     with pytest.raises(DpoLeanError) as err:
         load_records(str(path))
     assert "Permission denied" in assert_one_line(err.value, str(path))

@@ -40,8 +40,7 @@ def test_the_key_list_covers_the_dpo_and_qlora_examples():
 def test_every_lf_key_is_honoured_refused_or_of_no_effect(key):
     status = lf_status(key)
     assert status in ("honoured", "no effect", "refused"), f"{key}: {status}"
-    assert (key in FIELDS) == (status == "honoured" or key in ("do_train", "overwrite_output_dir",
-                                                               "preprocessing_num_workers"))
+    assert (key in FIELDS) == (status == "honoured" or key in ("do_train", "overwrite_output_dir"))
     assert describe_key(key).startswith(f"{key}: LLaMA-Factory's key") and "\n" not in describe_key(key)
 
 

@@ -302,13 +302,14 @@ def normalise_row(data: Any, layout: str, spec: FormatSpec) -> tuple[list[Messag
 
 
 def normalise_rows(rows: Sequence[tuple[str, Any]], *, name: str, label: str, spec: FormatSpec,
-                   start_index: int = 0) -> tuple[list[Record], list[Skip], str]:
-    """Records and skips for one dataset's ``(where, raw row)`` pairs, and the layout detected.
+                   start_index: int = 0, layout: str | None = None) -> tuple[list[Record], list[Skip], str]:
+    """Records and skips for one dataset's ``(where, raw row)`` pairs, and the layout detected (or given: the one
+    detected from all of a dataset's rows, when they come chunk by chunk).
 
     ``name`` becomes each Record's source; ``label`` names the dataset in errors; row indices
     start at ``start_index``. Raises DpoLeanError if no row matches any layout.
     """
-    layout = detect_layout([data for _, data in rows], spec)
+    layout = layout or detect_layout([data for _, data in rows], spec)
     if layout is None:
         raise DpoLeanError(_no_layout_message(label, [data for _, data in rows], spec))
     records: list[Record] = []

@@ -2,37 +2,56 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
+
+import click
 
 from ..config import Config, require
 from ..errors import DpoLeanError
 from ..files import atomic_write_text
+from . import prepared
+from .parallel import CHUNK_ROWS, encode_batches
+from .prepared import PreparedRows
 from .records import SKIP_FIXES, Skip
-from .sources import load_records
+from .sources import LoadedData, load_records, source_identity, stream_records
 from .templates import definition_text, template_for
 from .text import escape_surrogates
-from .tokenize import TokenizedRow, tokenize_record
 
 
 @dataclass
 class PreparedData:
-    rows: list[TokenizedRow]  # kept rows, in row_index order
+    rows: PreparedRows  # kept rows, in row_index order, memory-mapped (see data.prepared)
     skips: list[Skip]  # every row not kept, from any stage
     num_rows: int  # rows loaded
     sources: list[dict]  # per dataset file: name, path, sha256, rows
     content_sha256: str  # hash of the normalised rows (row_index, id) as loaded, before tokenisation
     chat_template: str = field(repr=False, default="")  # the template's definition (its Jinja, or an LF template's fields)
+    path: Path | None = None  # the prepared Arrow file
+    reused: bool = False  # read from an earlier command's prepared data, not tokenised now
+    seconds: float = 0.0  # to tokenise and write it, or to find and open it
+    workers: int = 1
 
     @property
     def num_truncated(self) -> int:
-        return sum(r.truncated for r in self.rows)
+        return int(self.rows.column("truncated").sum())
 
     def skip_counts(self) -> Counter:
         return Counter(s.reason for s in self.skips)
+
+    def describe(self) -> str:
+        """How the rows were prepared: reused, or tokenised now with how many processes."""
+        if self.reused:
+            return f"reused prepared data {self.path} ({self.seconds:.1f} s)"
+        workers = f"{self.workers} worker{'s' if self.workers > 1 else ''}"
+        return f"prepared {self.num_rows:,} rows in {self.seconds:.1f} s ({workers}) -> {self.path}"
 
 
 def _content_hash(records) -> str:
@@ -44,23 +63,88 @@ def _content_hash(records) -> str:
 
 def prepare_data(config: Config, tokenizer, dataset: str | None = None, require_rows: bool = True) -> PreparedData:
     """Rows of ``dataset`` (default ``config.dataset``) as token ids, with every skipped row counted.
-
     ``require_rows=False`` returns even when every row was skipped (data-check reports them, then fails).
+
+    Tokenised once (in ``preprocessing_num_workers`` processes) into prepared data keyed by everything the ids
+    depend on; every later call with the same key memory-maps it (``overwrite_cache`` tokenises again, as LF).
     """
     require(config, "dataset")
-    loaded = load_records(dataset or config.dataset, config.dataset_dir, config.max_samples)
+    if dataset:
+        config = dataclasses.replace(config, dataset=dataset)
+    t0 = time.perf_counter()
     template = template_for(config, tokenizer)
-    rows, skips = [], list(loaded.skips)
-    for record in loaded.records:
-        out = tokenize_record(record, tokenizer, template, config.cutoff_len, config.truncation_mode)
-        (skips if isinstance(out, Skip) else rows).append(out)
-    skips.sort(key=lambda s: s.row_index)
-    prepared = PreparedData(rows, skips, loaded.num_rows, loaded.sources, _content_hash(loaded.records),
-                            definition_text(template))
-    _check_skips(prepared, config)
+    template_text = definition_text(template)
+    identity = source_identity(config.dataset, config.dataset_dir)
+    loaded = None
+    if identity is None:  # no stable identity: the loaded rows' content keys it
+        loaded = load_records(config.dataset, config.dataset_dir, config.max_samples)
+        identity = {"content_sha256": _content_hash(loaded.records), "rows": loaded.num_rows}
+    fp = prepared.fingerprint(config, tokenizer, template_text, identity)
+    key, directory = prepared.digest(fp), config.resolved_prepared_dir
+    with prepared.locked(directory):
+        found = None if config.overwrite_cache else _reusable(directory, key)
+        reused = found is not None
+        if found is None:
+            prepared.clear_leftovers(directory)
+            reason = prepared.stale_reason(directory, key, config.dataset, fp)
+            if reason:
+                click.echo(f"prepared data in {directory} was made for other settings ({reason}); tokenising again")
+            _build(config, tokenizer, template, template_text, directory, key, fp, loaded)
+            found = prepared.read(directory, key)
+    meta, rows = found
+    data = PreparedData(rows, prepared.skips_of(meta), meta["num_rows"], meta["sources"], meta["content_sha256"],
+                        meta["chat_template"], rows.path, reused, time.perf_counter() - t0,
+                        1 if reused else _workers(config))
+    _check_skips(data, config)
     if require_rows:
-        check_rows_kept(prepared, config)
-    return prepared
+        check_rows_kept(data, config)
+    return data
+
+
+def _workers(config: Config) -> int:
+    """preprocessing_num_workers, at most the CPUs this process may run on (said once)."""
+    asked = config.preprocessing_num_workers or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if asked > cpus:
+        message = f"preprocessing_num_workers {asked}: this machine has {cpus} CPUs; tokenising in {cpus} processes"
+        if message not in _SAID:
+            _SAID.add(message)
+            click.echo(message)
+    return min(asked, cpus)
+
+
+_SAID: set[str] = set()
+
+
+def _reusable(directory: Path, key: str):
+    try:
+        return prepared.read(directory, key)
+    except prepared.Damaged as e:
+        click.echo(f"prepared data {directory / key}.arrow is unreadable ({e}); tokenising again")
+        return None
+
+
+def _build(config: Config, tokenizer, template, template_text: str, directory: Path, key: str, fp: dict,
+           loaded: LoadedData | None) -> None:
+    """Stream the rows (or take the ``loaded`` ones) through the tokenizer into prepared data ``key``."""
+    summary = loaded or LoadedData()
+    if loaded is not None:
+        n = CHUNK_ROWS
+        chunks = chain([([], list(loaded.skips))], ((loaded.records[i:i + n], []) for i in range(0, len(loaded.records), n)))
+    else:
+        chunks = stream_records(config.dataset, config.dataset_dir, config.max_samples, summary, CHUNK_ROWS)
+    content = hashlib.sha256()
+
+    def hashed():
+        for records, skips in chunks:
+            for r in records:
+                content.update(f"{r.row_index}:{r.id}\n".encode())
+            yield records, skips
+
+    batches = encode_batches(hashed(), tokenizer, template, config.cutoff_len, config.truncation_mode, _workers(config))
+    prepared.write(directory, key, batches, lambda: {
+        "dataset": config.dataset, "fingerprint": fp, "num_rows": summary.num_rows, "sources": summary.sources,
+        "content_sha256": content.hexdigest(), "chat_template": template_text})
 
 
 def _check_skips(data: PreparedData, config: Config) -> None:
@@ -116,7 +200,6 @@ def write_skip_report(data: PreparedData, directory: Path) -> Path:
     return path
 
 
-
 def _percentile(sorted_values: list[int], q: float) -> int:
     """Nearest-rank percentile of an ascending list."""
     if not sorted_values:
@@ -125,10 +208,10 @@ def _percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[int(rank) - 1]
 
 
-def length_stats(rows: list[TokenizedRow]) -> dict[str, dict[str, int]]:
-    """p50, p90, p99 and max token counts of prompt, chosen and rejected (after truncation)."""
+def length_stats(rows) -> dict[str, dict[str, int]]:
+    """p50, p90, p99 and max token counts of prompt, chosen and rejected (after truncation), from the length columns."""
     out = {}
-    for name, attr in (("prompt", "prompt_ids"), ("chosen", "chosen_ids"), ("rejected", "rejected_ids")):
-        values = sorted(len(getattr(r, attr)) for r in rows)
+    for name in ("prompt", "chosen", "rejected"):
+        values = sorted(rows.column(f"{name}_len").tolist())
         out[name] = {f"p{q}": _percentile(values, q) for q in (50, 90, 99)} | {"max": values[-1] if values else 0}
     return out

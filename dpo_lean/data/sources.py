@@ -8,13 +8,11 @@ Rows are located as ``<path> line N`` (JSON, JSON lines, CSV; 1-based) or ``<pat
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import difflib
 import hashlib
 import json
 import re
-import sys
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from itertools import islice
@@ -22,23 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DpoLeanError
-from .formats import FormatSpec, UnusableRow, normalise_rows
+from .formats import FormatSpec, detect_layout, normalise_rows
+from .readers import JSON_DECODER, first_line, iter_file
 from .records import Record, Skip
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 REGISTRY = "dataset_info.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
-_INT_DIGITS = 4000  # Python refuses int() of over 4300 digits; a longer JSON integer is read as a float
-
-
-def _parse_int(text: str) -> int | float:
-    """A JSON integer; one too long for int() becomes a float (it is a number either way, never a crash)."""
-    return int(text) if len(text) <= _INT_DIGITS else float(text)
-
-
-_DECODER = json.JSONDecoder(parse_int=_parse_int)
-
 Rows = list[tuple[str, Any]]  # (where the row is, the raw row)
 
 
@@ -64,35 +52,87 @@ class _Resolved:
 
 def load_records(dataset: str, dataset_dir: str = "data", max_samples: int | None = None) -> LoadedData:
     """Load comma-separated dataset specs in order; ``max_samples`` keeps the first N rows of each."""
+    loaded = LoadedData()
+    for records, skips in stream_records(dataset, dataset_dir, max_samples, loaded):
+        loaded.records += records
+        loaded.skips += skips
+    return loaded
+
+
+def stream_records(dataset: str, dataset_dir: str = "data", max_samples: int | None = None,
+                   summary: LoadedData | None = None, chunk_rows: int = 1024) -> Iterator[tuple[list[Record], list[Skip]]]:
+    """:func:`load_records` chunk by chunk, holding one chunk of rows at a time (a JSON lines file is read line by
+    line; a JSON array is read whole). Each file is read twice: once to check it and detect its layout (from all
+    its rows), then to normalise it. ``summary`` gets num_rows and sources as each dataset ends."""
     if max_samples is not None and max_samples < 0:
         raise DpoLeanError(f"max_samples is {max_samples}; use a positive number or leave it unset")
     specs = [spec.strip() for spec in str(dataset or "").split(",") if spec.strip()]
     if not specs:
         raise DpoLeanError("dataset is empty; set it to a file path, a name from dataset_info.json or a hub id")
-    loaded = LoadedData()
+    summary = summary if summary is not None else LoadedData()
     for spec in specs:
         resolved = _resolve(spec, Path(dataset_dir))
-        if resolved.hub is not None:
-            rows, fingerprint = _read_hub(resolved, max_samples)
-            path = resolved.hub["id"]
-        else:
-            try:
-                rows, fingerprint = _read_file(resolved.path, max_samples), _sha256(resolved.path)
-            except OSError as exc:
-                raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
-                                   "is readable") from None
-            path = str(resolved.path.resolve())
         label = str(resolved.path or spec)
-        if not rows and max_samples != 0:
-            raise DpoLeanError(f"{label}: dataset '{spec}' has no rows; point at a file with preference pairs")
         fmt = replace(resolved.fmt, text_cells=resolved.path is not None and resolved.path.suffix.lower() == ".csv")
-        records, skips, layout = (normalise_rows(rows, name=spec, label=label, spec=fmt, start_index=loaded.num_rows)
-                                  if rows else ([], [], None))
-        loaded.records += records
-        loaded.skips += skips
-        loaded.num_rows += len(rows)
-        loaded.sources.append({"name": spec, "path": path, "sha256": fingerprint, "rows": len(rows), "layout": layout})
-    return loaded
+        open_rows, path, fingerprint = _rows_of(resolved, max_samples)
+        count = [0]
+        try:
+            layout = detect_layout(_counted(open_rows(), count), fmt)
+        except OSError as exc:
+            raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
+                               "is readable") from None
+        if not count[0] and max_samples != 0:
+            raise DpoLeanError(f"{label}: dataset '{spec}' has no rows; point at a file with preference pairs")
+        if count[0] and layout is None:
+            normalise_rows(list(open_rows()), name=spec, label=label, spec=fmt)  # raises: no row matches a layout
+        start = summary.num_rows
+        rows = open_rows()
+        while chunk := list(islice(rows, chunk_rows)):
+            records, skips, _ = normalise_rows(chunk, name=spec, label=label, spec=fmt, start_index=start, layout=layout)
+            start += len(chunk)
+            yield records, skips
+        summary.num_rows += count[0]
+        summary.sources.append({"name": spec, "path": path, "sha256": fingerprint, "rows": count[0],
+                                "layout": layout if count[0] else None})
+
+
+def _rows_of(resolved: _Resolved, max_samples: int | None):
+    """(a function that opens the rows afresh, the path recorded, the content fingerprint) of one dataset."""
+    if resolved.hub is not None:
+        rows, fingerprint = _read_hub(resolved, max_samples)
+        return (lambda: iter(rows)), resolved.hub["id"], fingerprint
+    try:
+        fingerprint = _sha256(resolved.path)
+    except OSError as exc:
+        raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
+                           "is readable") from None
+    return (lambda: islice(iter_file(resolved.path), max_samples)), str(resolved.path.resolve()), fingerprint
+
+
+def _counted(rows, count: list[int]):
+    for _, data in rows:
+        count[0] += 1
+        yield data
+
+
+def source_identity(dataset: str, dataset_dir: str = "data") -> dict[str, dict] | None:
+    """What each dataset spec reads, without reading its rows: the file's sha256 and the format options of its
+    entry; None where a source has no stable identity (a hub dataset without a pinned revision)."""
+    out = {}
+    for n, spec in enumerate(s.strip() for s in str(dataset or "").split(",") if s.strip()):
+        resolved = _resolve(spec, Path(dataset_dir))
+        fmt = dataclasses.asdict(resolved.fmt)
+        if resolved.hub is not None:
+            if not resolved.hub["revision"]:
+                return None
+            out[f"{n}:{spec}"] = {"hub": resolved.hub, "format": fmt}
+            continue
+        try:
+            out[f"{n}:{spec}"] = {"sha256": _sha256(resolved.path), "suffix": resolved.path.suffix.lower(), "format": fmt}
+        except OSError as exc:
+            raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
+                               "is readable") from None
+    return out
 
 
 # --- finding a dataset --------------------------------------------------------------------------
@@ -141,7 +181,7 @@ def _load_registry(base: Path) -> dict:
     if not _is_file(path):
         return {}
     try:
-        registry = _DECODER.decode(path.read_text(encoding="utf-8-sig"))
+        registry = JSON_DECODER.decode(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DpoLeanError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}); fix the file") from None
     except UnicodeDecodeError:
@@ -188,149 +228,6 @@ def _registered_file(file_name: str, base: Path, where: str) -> Path:
     return path
 
 
-# --- reading rows -------------------------------------------------------------------------------
-
-def _read_file(path: Path, max_samples: int | None) -> Rows:
-    """The first ``max_samples`` rows of a local file with their locations."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        rows = _parquet_rows(path)
-    elif suffix == ".csv":
-        rows = _csv_rows(path)
-    else:
-        data = path.read_bytes()
-        text = _decode(data, path) if suffix == ".json" and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else None
-        if text is not None and not _first_line_is_a_row(text):
-            rows = _json_array_rows(path, text)
-        else:
-            rows = _jsonl_rows(path, data)
-    return list(islice(rows, max_samples))
-
-
-def _first_line_is_a_row(text: str) -> bool:
-    """Whether a .json file that starts with '[' is JSON lines whose first row is a list: its first line is a
-    complete JSON value and more follows (a JSON array either spans lines or is the whole file)."""
-    first, _, rest = text.lstrip(" \t\r\n").partition("\n")
-    if not rest.strip(" \t\r\n"):
-        return False
-    try:
-        _DECODER.decode(first)
-    except (ValueError, RecursionError):
-        return False
-    return True
-
-
-def _decode(data: bytes, path: Path) -> str:
-    """UTF-8 (BOM allowed) text, or a DpoLeanError naming the line of the first bad byte."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise DpoLeanError(f"{path} line {line}: not valid UTF-8; re-save the file as UTF-8") from None
-
-
-def _jsonl_rows(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
-    """One JSON value per non-blank line."""
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            line = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise DpoLeanError(f"{path} line {number}: not valid UTF-8; re-save the file as UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            value = _DECODER.decode(line)
-        except json.JSONDecodeError as exc:
-            hint = ("; a .json file must hold one JSON array of objects or one object per line"
-                    if path.suffix.lower() == ".json" else "; fix or remove that line")
-            raise DpoLeanError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
-        except RecursionError:
-            raise DpoLeanError(f"{path} line {number}: nested too deeply to read; fix or remove that line") from None
-        yield f"{path} line {number}", value
-
-
-def _json_array_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    """The elements of a top-level JSON array, each located by the line it starts on."""
-    decoder = _DECODER
-    pos = _JSON_SPACE.match(text, text.index("[") + 1).end()
-    line, counted = 1, 0
-    if text.startswith("]", pos):
-        _json_end(text, pos + 1, path)
-        return
-    while True:
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise DpoLeanError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); fix the file") from None
-        except RecursionError:
-            where = line + text.count("\n", counted, pos)
-            raise DpoLeanError(f"{path} line {where}: nested too deeply to read; fix the file") from None
-        line += text.count("\n", counted, pos)
-        counted = pos
-        yield f"{path} line {line}", value
-        pos = _JSON_SPACE.match(text, end).end()
-        if text.startswith(",", pos):
-            pos = _JSON_SPACE.match(text, pos + 1).end()
-        elif text.startswith("]", pos):
-            _json_end(text, pos + 1, path)
-            return
-        else:
-            raise DpoLeanError(f"{path} line {text.count(chr(10), 0, pos) + 1}: not valid JSON "
-                               "(expected ',' or ']' after an array element); fix the file")
-
-
-def _json_end(text: str, pos: int, path: Path) -> None:
-    """Check nothing but whitespace follows the closing ']'."""
-    pos = _JSON_SPACE.match(text, pos).end()
-    if pos != len(text):
-        raise DpoLeanError(f"{path} line {text.count(chr(10), 0, pos) + 1}: not valid JSON "
-                           "(extra data after the closing ']'); fix the file")
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """Parquet rows as dicts, batch by batch."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise DpoLeanError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {_first_line(exc)}); "
-                           "check the file") from None
-    index = 0
-    for batch in table.to_batches():
-        for row in batch.to_pylist():
-            yield f"{path} row {index}", row
-            index += 1
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """CSV rows as {header: string} dicts, each located by the line it starts on.
-
-    A repeated header name is an error (one of the columns would be dropped); a row with non-empty cells
-    beyond the header is an ``extra_cells`` skip (its cells cannot be matched to columns).
-    """
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        start = 2
-        try:
-            repeated = [name for name, n in Counter(reader.fieldnames or []).items() if n > 1]
-            if repeated:
-                raise DpoLeanError(f"{path} line 1: column '{repeated[0]}' appears more than once in the header; "
-                                   "rename or remove the repeats")
-            for row in reader:
-                extra = row.pop(None, None) or []  # cells beyond the header
-                if any(cell.strip() for cell in extra):
-                    row = UnusableRow("extra_cells", f"{len(reader.fieldnames) + len(extra)} cells under a header of "
-                                                     f"{len(reader.fieldnames)} columns; quote cells that hold commas", row)
-                yield f"{path} line {start}", row
-                start = reader.line_num + 1
-        except csv.Error as exc:
-            raise DpoLeanError(f"{path} line {reader.line_num}: not valid CSV ({exc}); fix the file") from None
-        except UnicodeDecodeError:
-            raise DpoLeanError(f"{path} near line {reader.line_num + 1}: not valid UTF-8; re-save the file as UTF-8") from None
-
-
 def _read_hub(resolved: _Resolved, max_samples: int | None) -> tuple[Rows, str]:
     """Rows of a hub dataset via datasets.load_dataset, and ``id@revision`` as its fingerprint."""
     import datasets
@@ -342,15 +239,10 @@ def _read_hub(resolved: _Resolved, max_samples: int | None) -> tuple[Rows, str]:
         rows = [(f"{resolved.name} row {i}", row) for i, row in enumerate(islice(iter(ds), max_samples))]
     except Exception as exc:  # network, auth, missing repo or split: all become one line
         raise DpoLeanError(f"dataset '{resolved.name}': could not load '{hub['id']}' from the Hugging Face Hub "
-                           f"({type(exc).__name__}: {_first_line(exc)}); it is not a local file or registered name "
+                           f"({type(exc).__name__}: {first_line(exc)}); it is not a local file or registered name "
                            "either; check the id, split, network and HF_TOKEN, or download it and pass the file") from None
     revision = hub["revision"] or getattr(ds, "_fingerprint", None) or "unknown"
     return rows, f"{hub['id']}@{revision}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no message"
 
 
 def _sha256(path: Path) -> str:

@@ -4,7 +4,7 @@ With a LLaMA-Factory template the prompt, chosen and rejected ids are LF's slot 
 (:meth:`Template.encode_pair`). With a Jinja template (auto, plain) a completion is the token suffix of
 the rendered full conversation after the rendered prompt (with its generation prompt), split where the
 two diverge, exactly as TRL's DPOTrainer does. Then ``cutoff_len`` bounds prompt + completion for each
-of chosen and rejected.
+of chosen and rejected. Rows go through in batches: the tokenizer is called once per batch, not per string.
 """
 
 from __future__ import annotations
@@ -38,25 +38,6 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def render_ids(tokenizer, messages: list[dict], chat_template: str, add_generation_prompt: bool) -> list[int]:
-    """Token ids of ``messages`` rendered with ``chat_template`` (special tokens come from the template only)."""
-    out = tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-        tokenize=True, return_dict=True)
-    return list(out["input_ids"])
-
-
-def split_completions(tokenizer, record: Record, chat_template: str) -> tuple[list[int], list[int], list[int]]:
-    """(prompt_ids, chosen_ids, rejected_ids) before truncation."""
-    prompt = render_ids(tokenizer, record.prompt, chat_template, add_generation_prompt=True)
-    full_chosen = render_ids(tokenizer, record.prompt + record.chosen, chat_template, add_generation_prompt=False)
-    full_rejected = render_ids(tokenizer, record.prompt + record.rejected, chat_template, add_generation_prompt=False)
-    # A template may render the prompt alone differently (or tokens may merge across the boundary):
-    # the completion starts where the renderings diverge.
-    n = min(common_prefix_length(prompt, full_chosen), common_prefix_length(prompt, full_rejected))
-    return prompt[:n], full_chosen[n:], full_rejected[n:]
 
 
 def truncate(prompt: list[int], chosen: list[int], rejected: list[int], cutoff_len: int, mode: str):
@@ -103,16 +84,98 @@ def lf_seqlen(source: int, target: int, cutoff_len: int) -> tuple[int, int]:
 def tokenize_record(record: Record, tokenizer, template: str | Template, cutoff_len: int,
                     truncation_mode: str) -> TokenizedRow | Skip:
     """One row as token ids, or the reason it is skipped. ``template``: an LF template or a Jinja string."""
+    return tokenize_records([record], tokenizer, template, cutoff_len, truncation_mode)[0]
+
+
+def tokenize_records(records: list[Record], tokenizer, template: str | Template, cutoff_len: int,
+                     truncation_mode: str) -> list[TokenizedRow | Skip]:
+    """Rows as token ids (or skips), in order: the same ids as one row at a time, with the tokenizer called once
+    per batch (batched ``apply_chat_template`` for Jinja templates; one batch encode of every LF slot string)."""
+    out: list[TokenizedRow | Skip | None] = [_bad_text(r) for r in records]
+    todo = [r for r, o in zip(records, out) if o is None]
+    if isinstance(template, Template):
+        encoded = encode_pairs_lf(tokenizer, template, todo)
+    else:
+        encoded = split_completions_batch(tokenizer, todo, template)
+    results = iter(_fit(r, *ids, cutoff_len, truncation_mode) for r, ids in zip(todo, encoded))
+    return [o if o is not None else next(results) for o in out]
+
+
+def _bad_text(record: Record) -> Skip | None:
     where = record.location or record.source
     for part in ("prompt", "chosen", "rejected"):  # normalise_row skips these already; a Record built elsewhere may not
         for i, message in enumerate(getattr(record, part)):
             problem = lone_surrogate(message["content"])
             if problem:
                 return Skip(record.row_index, where, "bad_text", f"{part} message {i} {problem}")
-    if isinstance(template, Template):
-        prompt, chosen, rejected = template.encode_pair(tokenizer, record.prompt, record.chosen, record.rejected)
-    else:
-        prompt, chosen, rejected = split_completions(tokenizer, record, template)
+    return None
+
+
+def split_completions_batch(tokenizer, records: list[Record], chat_template: str) -> list[tuple]:
+    """:func:`split_completions` of each record, with three batched ``apply_chat_template`` calls in all."""
+    if not records:
+        return []
+
+    def render(conversations, generation):
+        out = tokenizer.apply_chat_template(conversations, chat_template=chat_template,
+                                            add_generation_prompt=generation, tokenize=True, return_dict=True)
+        return [list(ids) for ids in out["input_ids"]]
+
+    prompts = render([r.prompt for r in records], True)
+    chosens = render([r.prompt + r.chosen for r in records], False)
+    rejecteds = render([r.prompt + r.rejected for r in records], False)
+    out = []
+    for prompt, full_chosen, full_rejected in zip(prompts, chosens, rejecteds):
+        n = min(common_prefix_length(prompt, full_chosen), common_prefix_length(prompt, full_rejected))
+        out.append((prompt[:n], full_chosen[n:], full_rejected[n:]))
+    return out
+
+
+class _Deferred:
+    """A tokenizer stand-in for :meth:`Template.encode_pair`: ``encode`` records the text and returns a placeholder,
+    so that every slot string of a batch is encoded in one call; everything else is the real tokenizer's."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.texts = tokenizer, []
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list:
+        assert add_special_tokens is False, "LF slots are encoded without special tokens"
+        self.texts.append(text)
+        return [_Pending(len(self.texts) - 1)]
+
+
+@dataclass(frozen=True)
+class _Pending:
+    index: int
+
+
+def encode_pairs_lf(tokenizer, template: Template, records: list[Record]) -> list[tuple]:
+    """:meth:`Template.encode_pair` of each record, with the slot strings of all of them encoded in one batch."""
+    deferred = _Deferred(tokenizer)
+    pending = [template.encode_pair(deferred, r.prompt, r.chosen, r.rejected) for r in records]
+    if not deferred.texts:
+        return [tuple(list(ids) for ids in p) for p in pending]
+    encoded = tokenizer(deferred.texts, add_special_tokens=False)["input_ids"]
+
+    def expand(ids: list) -> list[int]:
+        out = []
+        for i in ids:
+            if isinstance(i, _Pending):
+                out += encoded[i.index]
+            else:
+                out.append(i)
+        return out
+
+    return [tuple(expand(ids) for ids in p) for p in pending]
+
+
+def _fit(record: Record, prompt: list[int], chosen: list[int], rejected: list[int], cutoff_len: int,
+         truncation_mode: str) -> TokenizedRow | Skip:
+    """The row's ids cut to ``cutoff_len``, or the reason it cannot be trained on."""
+    where = record.location or record.source
     if chosen == rejected:
         return Skip(record.row_index, where, "identical_tokens",
                     f"chosen and rejected differ as text but give the same {len(chosen)} tokens")
