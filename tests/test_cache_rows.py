@@ -81,20 +81,19 @@ def test_rows_removed_from_the_dataset_are_left_unused(tiny_config, tmp_path):
 
 def test_a_row_cached_from_other_token_ids_is_refused_by_train_and_recomputed_by_precompute(tiny_config, monkeypatch):
     """Before: train compared token counts only, so a row tokenised differently at the same length passed."""
-    from dpo_lean import precompute
-    from dpo_lean.data import pipeline
+    from dpo_lean.data.prepared import PreparedRows
 
     config = tiny_config()
-    real = pipeline.prepare_data
+    real = PreparedRows.take
 
-    def retokenised(*args, **kwargs):  # as a tokenizer change the fingerprint cannot see would do
-        data = real(*args, **kwargs)
-        row = data.rows[5]
-        row.chosen_ids[-1] = (row.chosen_ids[-1] + 1) % 100  # one token id, same counts
-        return data
+    def retokenised(self, positions):  # as a tokenizer change the fingerprint cannot see would do
+        rows = real(self, positions)
+        for row in rows:
+            if row.row_index == 5:
+                row.chosen_ids[-1] = (row.chosen_ids[-1] + 1) % 100  # one token id, same counts
+        return rows
 
-    for module in (train, precompute):
-        monkeypatch.setattr(module, "prepare_data", retokenised)
+    monkeypatch.setattr(PreparedRows, "take", retokenised)  # every row train and precompute read
     with pytest.raises(DpoLeanError) as err:
         train.prepare_run(config)
     message = str(err.value)

@@ -47,7 +47,7 @@ def fingerprint(config, tokenizer, template_text: str, sources: dict) -> dict:
     import tokenizers
     import transformers
 
-    from ..cache import tokenizer_fingerprint
+    from ..fingerprint import tokenizer_fingerprint
 
     return {"format_version": FORMAT_VERSION, "sources": sources, "max_samples": config.max_samples,
             "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "template": config.template,
@@ -163,7 +163,7 @@ def _metas(directory: Path, key: str, dataset: str) -> list[tuple[Path, dict]]:
 
 def stale_reason(directory: Path, key: str, dataset: str, fp: dict) -> str:
     """'cutoff_len: 1024 -> 2048'-style differences from the newest other prepared data of ``dataset``, or ''."""
-    from ..cache import fingerprint_diff
+    from ..fingerprint import fingerprint_diff
 
     others = [old for _, old in _metas(directory, key, dataset) if isinstance(old, dict)]
     return "; ".join(fingerprint_diff(others[-1], fp)[:3]) if others else ""
