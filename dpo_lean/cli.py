@@ -115,7 +115,19 @@ def train(config_path, overrides):
     """Phase 2: train the LoRA policy against the cache (no reference model in memory)."""
     from .train import run_train
 
-    run_train(_config(config_path, overrides))
+    try:
+        run_train(_config(config_path, overrides))
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """End a distributed launch's process group before the interpreter does: torn down at exit, its threads could
+    abort a rank ("terminate called without an active exception") after all the work was done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @main.command()
