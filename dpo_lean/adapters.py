@@ -11,12 +11,10 @@ continue the adapter as LF silently does.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 from torch import nn
 
 from .errors import DpoLeanError
@@ -154,12 +152,6 @@ def continuation_notice(config, adapter: str, peft_config, all_linear: set[str])
             f"and targets {','.join(sorted(targets))}; lora_rank {config.lora_rank}, lora_alpha "
             f"{config.resolved_lora_alpha} and lora_target {config.lora_target} shape a new LoRA only "
             "(create_new_adapter: true)")
-
-
-def say(message: str) -> None:
-    """Print on the main process only (rank 0 under torchrun/accelerate)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(message)
 
 
 def stack_fingerprint(stack: Stack, config) -> dict:

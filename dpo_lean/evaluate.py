@@ -14,13 +14,12 @@ Training's evaluation logs the same means over all rows (DPOLeanTrainer keeps pe
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 import torch
 
-from . import adapters, modeling, train
+from . import adapters, launch, modeling, train
 from .config import Config
 from .errors import DpoLeanError
 from .files import atomic_write_text
@@ -92,9 +91,7 @@ def eval_rows(config: Config) -> tuple[train.EvalSet, int]:
 
 def run_evaluate(config: Config) -> dict:
     """Score the adapter, print a table, write <output_dir>/dpo_metrics/eval_results.json."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DpoLeanError("evaluate runs in one process; run `dpo-lean evaluate CONFIG.yaml` without "
-                           "torchrun or accelerate launch")
+    launch.refuse_launcher("evaluate")
     adapter = adapter_path(config)
     eval_set, pad_id = eval_rows(config)
     click.echo(f"evaluate: adapter {adapter} on {len(eval_set.rows)} pairs ({eval_set.source})")

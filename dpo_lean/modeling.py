@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import adapters
+from . import adapters, launch
 from .config import Config
 from .data.templates import prepare_tokenizer
 from .errors import DpoLeanError
@@ -32,7 +32,7 @@ def device() -> torch.device:
     """
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    local_rank, count = launch.local_rank(), torch.cuda.device_count()
     if local_rank >= count:
         raise DpoLeanError(f"LOCAL_RANK={local_rank}, but this process sees {count} GPU(s) (CUDA_VISIBLE_DEVICES="
                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); launch at most {count} processes a machine")
@@ -208,7 +208,7 @@ def prepare_policy(config: Config):
     if stack.top:
         notice = adapters.continuation_notice(config, stack.top, model.peft_config["default"], all_linear)
         if notice:
-            adapters.say(notice)
+            launch.say(notice)
     else:
         model = _new_lora(config, model)
     defer_output_head(model)

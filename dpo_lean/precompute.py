@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import time
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import cache, modeling
+from . import cache, launch, modeling
 from .config import Config, require
 from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
@@ -43,9 +42,9 @@ def plan_parts(rows: PreparedRows, batch_size: int, part_rows: int) -> list[list
 
 def shard_of(config: Config) -> tuple[int, int]:
     """(num_shards, shard_index): the config's, or one shard per process under torchrun/accelerate launch."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = launch.world_size()
     if config.num_shards == 1 and world > 1:
-        return world, int(os.environ.get("RANK", 0))
+        return world, launch.rank()
     return config.num_shards, config.shard_index
 
 

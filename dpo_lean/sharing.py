@@ -11,14 +11,13 @@ depth and the scored tokens (derived in its docstring); the measured difference 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import click
 import torch
 
+from . import launch
 from .config import Config
 from .data.collate import Sharing, collate_pairs, collate_shared
 from .errors import DpoLeanError
@@ -174,8 +173,7 @@ def prefix_sharing(config: Config, model, dtype: torch.dtype) -> Sharing | None:
         warnings.warn(f"prefix sharing: {name} cannot use the shared layout ({result.detail}); chosen and "
                       "rejected run as two sequences", stacklevel=2)
         return None
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"prefix sharing check: {result.detail}")
+    launch.say(f"prefix sharing check: {result.detail}")
     cfg = text_config(model)
     hidden = cfg.hidden_size
     return Sharing(shared_mask_dtype(model, dtype), hidden, getattr(cfg, "intermediate_size", None) or 4 * hidden,

@@ -23,14 +23,13 @@ import gc
 import io
 import itertools
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from . import train
+from . import launch, train
 from .config import FIELDS, Config, load_config, unknown_key_error
 from .errors import DpoLeanError
 from .files import atomic_write_text
@@ -153,9 +152,7 @@ def run_sweep(config_path, overrides) -> dict:
     """Precompute once, train every combination, write the comparison table and plot."""
     from .precompute import run_precompute
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DpoLeanError("sweep runs in one process; run `dpo-lean sweep CONFIG.yaml ...` without torchrun or "
-                           "accelerate launch")
+    launch.refuse_launcher("sweep", "CONFIG.yaml ...")
     fixed, axes = parse_sweep(overrides)
     base = load_config(config_path, fixed)
     runs = plan_runs(config_path, fixed, axes, base)

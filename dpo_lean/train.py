@@ -11,17 +11,15 @@
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import torch
 
-from . import adapters, cache, faults, modeling
+from . import adapters, cache, faults, launch, modeling
 from .config import Config, require
 from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
@@ -219,7 +217,7 @@ def _trainer_class():
 
                 self.step0_logratios, message = step0_report(torch.cat(self.step0))
                 self.step0 = None
-                _say(message)
+                launch.say(message)
             if mode == "train":
                 now = time.perf_counter()
                 logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
@@ -293,7 +291,7 @@ def resume_target(config: Config) -> str | None:
     if target in (None, False, ""):
         return None
     if target is True or str(target).lower() == "true":
-        latest = faults.latest_complete(Path(config.output_dir), remove_incomplete=is_main_process())
+        latest = faults.latest_complete(Path(config.output_dir), remove_incomplete=launch.is_main_process())
         if latest is None:
             raise DpoLeanError(f"config key 'resume_from_checkpoint': true, but {config.output_dir} holds no "
                                "complete checkpoint-* folder; set it to null to start fresh")
@@ -347,24 +345,14 @@ def load_eval_dataset(config: Config, tokenizer) -> EvalSet:
     require(config, "model_name_or_path", "eval_dataset")
     eval_config = config.eval_set_config()
     eval_data = prepare_data(eval_config, tokenizer)
-    _say(f"eval data: {skip_summary(eval_data)}")
-    if eval_data.skips and is_main_process():
-        _say(f"skipped eval rows listed in {write_skip_report(eval_data, eval_config.metrics_dir)}")
+    launch.say(f"eval data: {skip_summary(eval_data)}")
+    if eval_data.skips and launch.is_main_process():
+        launch.say(f"skipped eval rows listed in {write_skip_report(eval_data, eval_config.metrics_dir)}")
     if not config.needs_reference:
         return EvalSet(eval_data.rows, None, f"eval_dataset={config.eval_dataset}")
     fingerprint = build_fingerprint(eval_config, tokenizer, eval_data, modeling.reference_spec(eval_config))
     eval_ref = load_reference(eval_config, fingerprint, eval_data.rows, what="eval rows")
     return EvalSet(eval_data.rows, eval_ref, f"eval_dataset={config.eval_dataset}", fingerprint)
-
-
-def is_main_process() -> bool:
-    """True in a single process, and in the process of global rank 0 under torchrun/accelerate launch."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _say(message: str) -> None:
-    if is_main_process():
-        click.echo(message)
 
 
 def _reference_note(config: Config, eval_set: EvalSet) -> str:
@@ -379,21 +367,21 @@ def run_train(config: Config) -> dict:
     from .reporting import MetricsWriter
 
     tokenizer, data, fingerprint, ref = prepare_run(config)
-    _say(data.describe())
-    _say(f"data: {skip_summary(data)}")
-    if data.skips and is_main_process():
-        _say(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
+    launch.say(data.describe())
+    launch.say(f"data: {skip_summary(data)}")
+    if data.skips and launch.is_main_process():
+        launch.say(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
     train_rows, eval_set = split_eval(config, tokenizer, data, ref)
-    _say(f"train: {len(train_rows)} pairs" + (f", eval: {len(eval_set.rows)} pairs" if eval_set.rows else "")
+    launch.say(f"train: {len(train_rows)} pairs" + (f", eval: {len(eval_set.rows)} pairs" if eval_set.rows else "")
          + f"; {_reference_note(config, eval_set)}")
     args = training_arguments(config, bool(eval_set.rows))
     resume = resume_target(config)
-    _say(adapters.describe_start(config) + ("" if modeling.reference_is_start(config) else
+    launch.say(adapters.describe_start(config) + ("" if modeling.reference_is_start(config) else
                                             f"; {modeling.describe_reference(config)} (from the cache)"))
     model = modeling.prepare_policy(config)
     dtype = modeling.compute_dtype(config, modeling.device())
     sharing = prefix_sharing(config, model, dtype)
-    _say(f"layout: {describe_layout(sharing)}")
+    launch.say(f"layout: {describe_layout(sharing)}")
     summary_extra = {"config": config.to_dict(), "cache_fingerprint": fingerprint,
                      "rows": {"train": len(train_rows), "eval": len(eval_set.rows), "skipped": len(data.skips)}}
     if eval_set.fingerprint:
@@ -431,5 +419,5 @@ def run_train(config: Config) -> dict:
     trainer.save_model(config.output_dir)
     summary_extra["finished"] = True  # written last: `dpo-lean sweep` skips a run whose summary says so
     writer.on_train_end(args, trainer.state, trainer.control)  # again, now with the final eval and speed
-    _say(f"adapter saved to {config.output_dir}; metrics in {config.metrics_dir}")
+    launch.say(f"adapter saved to {config.output_dir}; metrics in {config.metrics_dir}")
     return {"train": result.metrics, "eval": final_eval}
