@@ -120,16 +120,9 @@ class BatchScorer:
         return None
 
 
-@dataclass
-class _PartResult:
-    columns: dict
-    tokens: int
-
-
-def compute_part(score: BatchScorer, batches, progress) -> _PartResult:
+def compute_part(score: BatchScorer, batches, progress) -> dict[str, list]:
     """``batches``: lists of rows (TokenizedRow), each materialised only while it is scored."""
     cols = {name: [] for name in cache.SCHEMA.names}
-    tokens = 0
     for rows in batches:
         logps = score(rows)
         n = len(rows)
@@ -145,11 +138,10 @@ def compute_part(score: BatchScorer, batches, progress) -> _PartResult:
             cols["prompt_tokens"].append(len(r.prompt_ids))
             cols["ids_sha256"].append(cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids))
         batch_tokens = sum(2 * len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
-        tokens += batch_tokens
         progress.update(n)
         progress.tokens += batch_tokens
         progress.set_postfix_str(f"{progress.tokens / max(time.perf_counter() - progress.t0, 1e-9):,.0f} tok/s")
-    return _PartResult(cols, tokens)
+    return cols
 
 
 def run_precompute(config: Config) -> dict:
@@ -198,9 +190,8 @@ def run_precompute(config: Config) -> dict:
         with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:
             progress.tokens, progress.t0 = 0, t0
             for plan_index, batches in todo:
-                part = compute_part(score, (rows.take(b) for b in batches), progress)
-                name = cache.part_name(plan_index, part.columns["id"])
-                cache.write_part(cache_dir, name, part.columns, fingerprint)
+                columns = compute_part(score, (rows.take(b) for b in batches), progress)
+                cache.write_part(cache_dir, cache.part_name(plan_index, columns["id"]), columns, fingerprint)
     except KeyboardInterrupt:
         state = cache.scan(cache_dir)
         raise Interrupted(f"interrupted: {state.cached_expected} of {len(state.expected)} rows are "
