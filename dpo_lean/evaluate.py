@@ -1,6 +1,6 @@
 """``dpo-lean evaluate``: score an adapter on cached preference rows with training's own code.
 
-    rows, ref = train.split_eval(...)                 # val_size rows held out by seed, or eval_dataset + its cache
+    rows, ref = scoring.split_eval(...)               # val_size rows held out by seed, or eval_dataset + its cache
     policy    = base (4-bit or plain) + the trained adapter (trained_adapter, default output_dir), on the
                 starting point's merged adapters      # loaded as training builds it: head deferred, 4-bit pinned
     per batch of per_device_eval_batch_size rows, in order:
@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import torch
 
-from . import adapters, launch, modeling, train
+from . import adapters, launch, modeling, scoring
 from .config import Config
 from .errors import DpoLeanError
 from .files import atomic_write_text
@@ -52,14 +52,14 @@ def load_policy(config: Config, adapter: str):
     return model
 
 
-def score(config: Config, model, eval_set: train.EvalSet, pad_id: int,
+def score(config: Config, model, eval_set: scoring.EvalSet, pad_id: int,
           reward_baseline: float = 0.0) -> dict[str, float]:
     """Means over all rows of the loss, the reward stats and the log-ratios (TRL's names, ``eval_`` prefix);
     for a reference-free loss, ``logratios/*`` are the length-averaged policy log-probs its rewards use."""
-    dataset = train.to_dataset(eval_set.rows, eval_set.ref)
+    dataset = scoring.to_dataset(eval_set.rows, eval_set.ref)
     dev = modeling.device()
     dtype = modeling.compute_dtype(config, dev)
-    collate = train.PairCollator(pad_id, prefix_sharing(config, model, dtype), tails=config.ld_alpha is not None)
+    collate = scoring.PairCollator(pad_id, prefix_sharing(config, model, dtype), tails=config.ld_alpha is not None)
     per_row: dict[str, list[torch.Tensor]] = {}
     size = config.per_device_eval_batch_size
     for start in range(0, len(dataset), size):
@@ -77,16 +77,16 @@ def score(config: Config, model, eval_set: train.EvalSet, pad_id: int,
     return {f"eval_{key}": means[key] for key in SHOWN}
 
 
-def eval_rows(config: Config) -> tuple[train.EvalSet, int]:
+def eval_rows(config: Config) -> tuple[scoring.EvalSet, int]:
     """(the rows to score, the pad id): eval_dataset with its own cache, or the val_size rows training held out."""
     if config.eval_dataset:  # the training cache is not needed
         tokenizer = modeling.load_tokenizer(config)
-        return train.load_eval_dataset(config, tokenizer), tokenizer.pad_token_id
+        return scoring.load_eval_dataset(config, tokenizer), tokenizer.pad_token_id
     if not config.val_size:
         raise DpoLeanError("config key 'val_size' is 0 and eval_dataset is unset: evaluate needs rows; set val_size "
                            "(rows held out of dataset, as in training) or eval_dataset (then run precompute)")
-    tokenizer, data, _, ref = train.prepare_run(config)
-    return train.split_eval(config, tokenizer, data, ref)[1], tokenizer.pad_token_id
+    tokenizer, data, _, ref = scoring.prepare_run(config)
+    return scoring.split_eval(config, tokenizer, data, ref)[1], tokenizer.pad_token_id
 
 
 def run_evaluate(config: Config) -> dict:

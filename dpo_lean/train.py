@@ -1,8 +1,7 @@
 """Phase 2: train the LoRA policy against the reference cache, on transformers' Trainer.
 
-    rows   = prepare_data(config)                        # precompute's prepared data, memory-mapped
-    ref    = verified cache, joined to rows by id        # refuses a stale or incomplete cache; none for
-                                                         # reference-free losses (orpo, simpo)
+    rows, ref = prepare_run(config)                      # prepared data, memory-mapped; the verified cache
+                                                         # joined by id (none for orpo, simpo)
     policy = 4-bit (or plain) base + LoRA                # no reference model, ever
     per batch:  scores = batch_scores(policy, batch)     # the same log-prob function as precompute
                 loss = objective.pair_metrics(config, scores, batch)   # preference_loss, TRL's metrics
@@ -11,122 +10,23 @@
 
 from __future__ import annotations
 
-import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import adapters, cache, faults, launch, modeling
-from .config import Config, require
-from .data.collate import Sharing, collate, describe_layout
-from .data.pipeline import prepare_data, skip_summary, write_skip_report
-from .data.prepared import PreparedRows
+from . import adapters, faults, launch, modeling
+from .config import Config
+from .data.collate import describe_layout
+from .data.pipeline import skip_summary, write_skip_report
 from .errors import DpoLeanError, Interrupted
-from .fingerprint import build_fingerprint, fingerprint_diff
 from .logprobs import batch_scores
 from .measure import peak_memory_gb
 from .objective import RewardBaseline, pair_metrics
 from .sampling import LengthGroupedSampler
+from .scoring import EvalSet, PairCollator, prepare_run, split_eval, to_dataset
 from .sharing import prefix_sharing
-
-# ---------------------------------------------------------------- the cache join
-
-
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps", "ref_rejected_tail_logps")
-
-
-def load_reference(config: Config, fingerprint: dict, rows: PreparedRows,
-                   what: str = "training rows") -> dict[str, tuple[float, ...]]:
-    """id -> the REF_COLUMNS values for every row, after checking the cache is the right one and that each
-    row was cached from the token ids it has now. Cached rows the dataset no longer holds are not used."""
-    cache_dir = config.resolved_ref_cache_dir
-    if not (Path(cache_dir) / cache.MANIFEST).exists():
-        raise DpoLeanError(f"no reference cache at {cache_dir}; run `dpo-lean precompute CONFIG.yaml` first "
-                           "(or set ref_cache_dir)")
-    state = cache.scan(cache_dir)  # refuses an older format in one line
-    diffs = fingerprint_diff(state.manifest["fingerprint"], fingerprint)
-    if diffs:
-        raise DpoLeanError(f"cache {cache_dir} does not match this run: {'; '.join(diffs)}; "
-                           f"rebuild it with `dpo-lean precompute CONFIG.yaml overwrite_cache=true`")
-    damaged = [p for p in state.problems if not p.startswith(cache.EXPECTED)]  # train needs no expected list
-    if damaged:
-        raise DpoLeanError(f"cache {cache_dir} is damaged: {'; '.join(damaged)}; "
-                           "rerun `dpo-lean precompute CONFIG.yaml` to repair it")
-    table = state.table.to_pydict()
-    by_id = {i: k for k, i in enumerate(table["id"])}
-    ids, row_index = rows.ids, rows.column("row_index")
-    missing = [n for n, i in enumerate(ids) if i not in by_id]
-    if missing:
-        raise DpoLeanError(f"{len(missing)} of {len(rows)} {what} are not in the cache {cache_dir} (first: row "
-                           f"{row_index[missing[0]]}); run `dpo-lean precompute CONFIG.yaml` to compute them "
-                           "(only they are computed)")
-    ref = {}
-    for start in range(0, len(rows), 1024):  # batch by batch: the ids stay in the prepared file
-        for r in rows.take(range(start, min(start + 1024, len(rows)))):
-            k = by_id[r.id]
-            if table["ids_sha256"][k] != cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids):
-                raise DpoLeanError(f"cache {cache_dir}: row {r.row_index} (id {r.id}) was cached from other token "
-                                   "ids than it tokenises to now; rerun `dpo-lean precompute CONFIG.yaml` to recompute it")
-            ref[r.id] = tuple(table[c][k] for c in REF_COLUMNS)
-    return ref
-
-
-def split_rows(rows: PreparedRows, val_size: float, seed: int) -> tuple[PreparedRows, PreparedRows]:
-    """Held-out rows chosen by seed: ``val_size`` < 1 is a share, >= 1 a count."""
-    if not val_size:
-        return rows, rows.subset([])
-    n_val = int(val_size) if val_size >= 1 else max(1, round(val_size * len(rows)))
-    if n_val >= len(rows):
-        raise DpoLeanError(f"config key 'val_size': {val_size} leaves no training rows ({len(rows)} rows kept)")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_val])
-    return (rows.subset([i for i in range(len(rows)) if i not in held]),
-            rows.subset([i for i in range(len(rows)) if i in held]))
-
-
-def to_dataset(rows: PreparedRows, ref: dict | None):
-    """The rows as a datasets.Dataset memory-mapped from the prepared Arrow file, with their reference columns
-    (none for a reference-free run); ids become Python lists only batch by batch, in the collator."""
-    from datasets import Dataset
-
-    dataset = Dataset.from_file(str(rows.path))
-    if rows.positions is not None:
-        dataset = dataset.select(rows.positions, keep_in_memory=True)  # the index map only; no cache file beside it
-    dataset = dataset.select_columns(["row_index", "prompt_ids", "chosen_ids", "rejected_ids", "length"])
-    if ref is not None:
-        ids = rows.ids
-        for i, name in enumerate(REF_COLUMNS):
-            dataset = dataset.add_column(name, [ref[r][i] for r in ids])
-    return dataset
-
-
-@dataclass
-class PairCollator:
-    """Pairs -> a batch for batch_scores: two sequences per pair, or one shared sequence where ``sharing`` pays;
-    ``tails``: with LD-DPO's tail marks (see data.collate.mark_tails)."""
-
-    pad_id: int
-    sharing: Sharing | None = None
-    tails: bool = False
-
-    def __call__(self, features: list[dict]) -> dict:
-        ids = ([f["prompt_ids"] for f in features], [f["chosen_ids"] for f in features],
-               [f["rejected_ids"] for f in features])
-        batch = collate(*ids, self.pad_id, self.sharing, tails=self.tails)
-        for name in REF_COLUMNS:
-            if name in features[0]:
-                batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float32)
-        batch["chosen_tokens"] = torch.tensor([len(f["chosen_ids"]) for f in features], dtype=torch.float32)
-        batch["rejected_tokens"] = torch.tensor([len(f["rejected_ids"]) for f in features], dtype=torch.float32)
-        batch["row_index"] = torch.tensor([f["row_index"] for f in features], dtype=torch.long)
-        return batch
-
-
-# ---------------------------------------------------------------- the trainer
 
 
 def _trainer_class():
@@ -305,54 +205,6 @@ def resume_target(config: Config) -> str | None:
 
 
 # ---------------------------------------------------------------- the procedure
-
-
-def prepare_run(config: Config):
-    """Tokenizer, data and verified reference: everything train needs before it loads the policy.
-
-    A reference-free pref_loss (orpo, simpo; see Config.needs_reference) reads no cache: fingerprint and reference are None.
-    """
-    require(config, "model_name_or_path", "dataset")
-    tokenizer = modeling.load_tokenizer(config)
-    data = prepare_data(config, tokenizer)
-    if not config.needs_reference:
-        return tokenizer, data, None, None
-    fingerprint = build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
-    ref = load_reference(config, fingerprint, data.rows)
-    return tokenizer, data, fingerprint, ref
-
-
-@dataclass
-class EvalSet:
-    """Rows to evaluate on, with their reference log-probs, and where they come from."""
-
-    rows: PreparedRows
-    ref: dict[str, tuple[float, ...]] | None  # None for a reference-free run
-    source: str
-    fingerprint: dict | None = None  # the eval_dataset cache's; None for rows held out of the training cache
-
-
-def split_eval(config: Config, tokenizer, data, ref) -> tuple[PreparedRows, EvalSet]:
-    """Training rows and the eval set: eval_dataset with its own cache, or the val_size rows held out by seed."""
-    if config.eval_dataset:
-        return data.rows, load_eval_dataset(config, tokenizer)
-    train_rows, eval_rows = split_rows(data.rows, config.val_size, config.seed)
-    return train_rows, EvalSet(eval_rows, ref, f"val_size={config.val_size:g} of {config.dataset}")
-
-
-def load_eval_dataset(config: Config, tokenizer) -> EvalSet:
-    """eval_dataset's rows with the reference log-probs of its own cache (eval_ref_cache_dir), verified alike."""
-    require(config, "model_name_or_path", "eval_dataset")
-    eval_config = config.eval_set_config()
-    eval_data = prepare_data(eval_config, tokenizer)
-    launch.say(f"eval data: {skip_summary(eval_data)}")
-    if eval_data.skips and launch.is_main_process():
-        launch.say(f"skipped eval rows listed in {write_skip_report(eval_data, eval_config.metrics_dir)}")
-    if not config.needs_reference:
-        return EvalSet(eval_data.rows, None, f"eval_dataset={config.eval_dataset}")
-    fingerprint = build_fingerprint(eval_config, tokenizer, eval_data, modeling.reference_spec(eval_config))
-    eval_ref = load_reference(eval_config, fingerprint, eval_data.rows, what="eval rows")
-    return EvalSet(eval_data.rows, eval_ref, f"eval_dataset={config.eval_dataset}", fingerprint)
 
 
 def _reference_note(config: Config, eval_set: EvalSet) -> str:

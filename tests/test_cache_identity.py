@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import FIXTURES
 
-from dpo_lean import cache, fingerprint
+from dpo_lean import cache, fingerprint, scoring
 from dpo_lean.fingerprint import fingerprint_diff, fingerprint_digest, model_fingerprint
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
@@ -175,7 +175,6 @@ def test_each_writer_writes_its_part_under_a_name_of_its_own(tmp_path, monkeypat
 def test_a_cache_made_from_a_hub_id_serves_its_commit_and_its_snapshot_folder(tiny_config, tmp_path):
     """Before: `main` vs its commit sha (model.revision) and the hub id vs its snapshot folder (model.commit)
     were refused as different models. The tiny model in a hub cache layout, offline."""
-    from dpo_lean import train
     from dpo_lean.precompute import run_precompute
 
     hub = tmp_path / "hub"
@@ -184,5 +183,5 @@ def test_a_cache_made_from_a_hub_id_serves_its_commit_and_its_snapshot_folder(ti
     run = dict(copy_cache=False, ref_cache_dir=str(tmp_path / "cache"), max_samples=8, cache_dir=str(hub))
     assert run_precompute(tiny_config(model_name_or_path="org/tiny", **run))["rows"] == 8
     for name, revision in (("org/tiny", COMMIT_A), (str(snap), "main")):
-        ref = train.prepare_run(tiny_config(model_name_or_path=name, model_revision=revision, **run))[3]
+        ref = scoring.prepare_run(tiny_config(model_name_or_path=name, model_revision=revision, **run))[3]
         assert len(ref) == 8, name

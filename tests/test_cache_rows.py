@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import FIXTURES
 
-from dpo_lean import cache, train
+from dpo_lean import cache, scoring
 from dpo_lean.errors import DpoLeanError
 from dpo_lean.precompute import run_precompute
 
@@ -55,12 +55,12 @@ def test_added_rows_are_computed_alone_and_give_a_from_scratch_runs_values(small
     scratch_dir = tmp_path / "scratch"
     run_precompute(tiny_config(copy_cache=False, ref_cache_dir=str(scratch_dir), dataset_dir=smaller.dataset_dir))
     pd.testing.assert_frame_equal(grown, _by_id(scratch_dir), check_exact=True)  # this machine: exact
-    assert len(train.prepare_run(smaller)[3]) == 64
+    assert len(scoring.prepare_run(smaller)[3]) == 64
 
 
 def test_train_names_the_rows_that_are_not_in_the_cache(smaller):
     with pytest.raises(DpoLeanError) as err:
-        train.prepare_run(smaller)
+        scoring.prepare_run(smaller)
     message = str(err.value)
     assert message.startswith(f"{len(LEFT_OUT)} of 64 training rows are not in the cache ")
     assert f"(first: row {LEFT_OUT[0]})" in message and "run `dpo-lean precompute CONFIG.yaml`" in message
@@ -70,11 +70,11 @@ def test_train_names_the_rows_that_are_not_in_the_cache(smaller):
 def test_rows_removed_from_the_dataset_are_left_unused(tiny_config, tmp_path):
     """The committed 64-row cache serves a dataset of 40 of its rows (before: refused, dataset.content_sha256)."""
     config = tiny_config(dataset_dir=_dataset(tmp_path, "fewer", lambda i: i % 8 < 5))
-    ref = train.prepare_run(config)[3]
+    ref = scoring.prepare_run(config)[3]
     fixture = _by_id(FIXTURES / "demo" / "ref_cache").set_index("id")
     assert len(ref) == 40
     for row_id, values in ref.items():
-        assert values == tuple(fixture.loc[row_id, train.REF_COLUMNS]), row_id
+        assert values == tuple(fixture.loc[row_id, scoring.REF_COLUMNS]), row_id
     assert run_precompute(config)["rows"] == 0  # nothing to compute either; the 24 other rows stay
     assert len(cache.scan(config.resolved_ref_cache_dir).table) == 64
 
@@ -95,13 +95,13 @@ def test_a_row_cached_from_other_token_ids_is_refused_by_train_and_recomputed_by
 
     monkeypatch.setattr(PreparedRows, "take", retokenised)  # every row train and precompute read
     with pytest.raises(DpoLeanError) as err:
-        train.prepare_run(config)
+        scoring.prepare_run(config)
     message = str(err.value)
     assert "row 5 " in message and "other token ids" in message and "dpo-lean precompute" in message
     assert "\n" not in message
     summary = run_precompute(config)  # removes the part holding it and recomputes that part's rows
     assert summary["complete"] and summary["rows"] == 16
-    assert len(train.prepare_run(config)[3]) == 64
+    assert len(scoring.prepare_run(config)[3]) == 64
 
 
 def test_rows_of_the_same_content_are_cached_once_and_serve_every_copy(tiny_config, tmp_path):
@@ -113,5 +113,5 @@ def test_rows_of_the_same_content_are_cached_once_and_serve_every_copy(tiny_conf
     config = tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "cache"), dataset_dir=str(folder))
     summary = run_precompute(config)
     assert summary["rows"] == 64 and summary["complete"]
-    _, data, _, ref = train.prepare_run(config)
+    _, data, _, ref = scoring.prepare_run(config)
     assert len(data.rows) == 67 and len(ref) == 64 and all(r.id in ref for r in data.rows)

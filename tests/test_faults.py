@@ -15,7 +15,7 @@ import pytest
 import yaml
 from killing import Point, kill_at, run_until
 
-from dpo_lean import cache, faults, train
+from dpo_lean import cache, faults, scoring, train
 from dpo_lean.errors import DpoLeanError
 from dpo_lean.precompute import run_precompute
 
@@ -236,7 +236,7 @@ def test_damaged_cache_is_detected_then_repaired(damage, tiny_config, tmp_path):
         manifest.write_text(manifest.read_text()[:100])
 
     with pytest.raises(DpoLeanError) as err:
-        train.prepare_run(config)
+        scoring.prepare_run(config)
     assert "\n" not in str(err.value) and "precompute" in str(err.value)
     result = CliRunner().invoke(main, ["cache-info", str(cache_dir)])
     assert result.exit_code == 1
@@ -256,7 +256,7 @@ def test_damaged_cache_is_detected_then_repaired(damage, tiny_config, tmp_path):
         straight = _cached(tmp_path / "straight")
         pd.testing.assert_frame_equal(repaired[is_redone], straight[is_redone], check_exact=True)
         pd.testing.assert_frame_equal(repaired, before, check_exact=False, atol=1e-4, rtol=0)  # and near the fixture
-    train.prepare_run(config)
+    scoring.prepare_run(config)
 
 
 # ---------------------------------------------------------------- NaN or inf

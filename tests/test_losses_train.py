@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pytest
 from conftest import FIXTURES
 
-from dpo_lean import cache, modeling, train
+from dpo_lean import cache, modeling, scoring, train
 from dpo_lean.errors import DpoLeanError
 from dpo_lean.fingerprint import fingerprint_digest
 
@@ -143,7 +143,7 @@ def test_reference_free_training_never_loads_a_reference(tiny_config, tmp_path, 
 def test_sft_alone_reads_the_cache_as_trl(tiny_config, tmp_path):
     """TRL's sft loss type runs in a DPO trainer and logs rewards against the reference: it needs the cache."""
     with pytest.raises(DpoLeanError, match="no reference cache"):
-        train.prepare_run(tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "none"), pref_loss="sft"))
+        scoring.prepare_run(tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "none"), pref_loss="sft"))
 
 
 # ---------------------------------------------------------------- LD-DPO: the cache's tail columns
@@ -209,10 +209,10 @@ def test_an_older_format_cache_is_refused_with_the_rebuild_command(version, drop
     shutil.copytree(ld_config.resolved_ref_cache_dir, old)
     _as_old_format(old, version, drop)
     config = dataclasses.replace(ld_config, ref_cache_dir=str(old))
-    for command in (train.prepare_run, run_precompute):  # train, and precompute without overwrite_cache
+    for command in (scoring.prepare_run, run_precompute):  # train, and precompute without overwrite_cache
         with pytest.raises(DpoLeanError) as err:
             command(config)
         assert f"has format {version}, this dpo-lean reads format 3" in str(err.value)
         assert "`dpo-lean precompute CONFIG.yaml overwrite_cache=true`" in str(err.value) and "\n" not in str(err.value)
     run_precompute(dataclasses.replace(config, overwrite_cache=True))  # the command it names rebuilds it
-    assert len(train.prepare_run(config)[3]) == len(LD_ROWS)
+    assert len(scoring.prepare_run(config)[3]) == len(LD_ROWS)

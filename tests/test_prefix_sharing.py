@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from dpo_lean import modeling
+from dpo_lean import modeling, scoring
 from dpo_lean.data.collate import Sharing, collate, collate_pairs, collate_shared, layout_flops, shared_attention_mask
 from dpo_lean.data.pipeline import prepare_data
 from dpo_lean.errors import DpoLeanError
@@ -133,7 +133,7 @@ def _count_layouts(monkeypatch, module) -> dict:
 
 def test_the_cache_serves_either_layout(tiny_config, tmp_path, monkeypatch):
     """A cache computed without prefix sharing passes train's fingerprint check with it, and agrees in value."""
-    from dpo_lean import cache, precompute, train
+    from dpo_lean import cache, precompute
     from dpo_lean.precompute import run_precompute
 
     counts = _count_layouts(monkeypatch, precompute)
@@ -141,7 +141,7 @@ def test_the_cache_serves_either_layout(tiny_config, tmp_path, monkeypatch):
     assert counts["shared"] > 0 and counts["two sequences"] == 0, counts
     run_precompute(tiny_config(copy_cache=False, prefix_sharing=False, ref_cache_dir=str(tmp_path / "two")))
     assert counts["two sequences"] == counts["shared"], counts
-    train.prepare_run(tiny_config(copy_cache=False, prefix_sharing=True, ref_cache_dir=str(tmp_path / "two")))
+    scoring.prepare_run(tiny_config(copy_cache=False, prefix_sharing=True, ref_cache_dir=str(tmp_path / "two")))
     shared = cache.scan(tmp_path / "one").table.sort_by("row_index").to_pydict()
     separate = cache.scan(tmp_path / "two").table.sort_by("row_index").to_pydict()
     for column in ("ref_chosen_logps", "ref_rejected_logps"):

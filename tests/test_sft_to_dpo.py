@@ -20,7 +20,7 @@ from conftest import FIXTURES
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo_lean import modeling, precompute, train
+from dpo_lean import modeling, precompute, scoring, train
 from dpo_lean.config import from_dict
 from dpo_lean.data.collate import collate_pairs
 from dpo_lean.data.pipeline import prepare_data
@@ -215,7 +215,7 @@ def test_a_cache_built_for_another_adapter_is_refused_naming_the_field(continued
     other = make_adapter(tmp_path / "other", seed=3)
     for adapter in (str(other), None):  # another adapter, and none (the bare base)
         with pytest.raises(DpoLeanError) as err:
-            train.prepare_run(from_dict({**config.to_dict(), "adapter_name_or_path": adapter}))
+            scoring.prepare_run(from_dict({**config.to_dict(), "adapter_name_or_path": adapter}))
         message = str(err.value)
         assert "reference.adapters.1.weights_sha256:" in message and "\n" not in message, message
         assert ("weights_sha256: " in message and " -> None" in message) == (adapter is None)
@@ -312,7 +312,7 @@ def test_ref_model_is_used_by_precompute_and_never_loaded_by_train(tmp_path, mon
     assert [float(x) for x in shown.groups()] == pytest.approx([chosen, rejected], abs=1e-3)
 
     with pytest.raises(DpoLeanError, match=r"reference\.model\.config_sha256: .* -> None"):
-        train.prepare_run(from_dict({**config.to_dict(), "ref_model": None}))
+        scoring.prepare_run(from_dict({**config.to_dict(), "ref_model": None}))
 
 
 def test_an_lf_export_config_merges_its_adapters_in_order_in_shards_of_export_size(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import textwrap
 import structure
 
 # Over the limits today, each capped at its present size so it can only shrink (issue 17 moves them).
-STILL_OVER = {"module dpo_lean.train": 423, "function dpo_lean.train:_trainer_class": 101}
+STILL_OVER = {"function dpo_lean.train:_trainer_class": 101}
 
 
 def test_the_package_has_no_import_cycle():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import FIXTURES
 
-from dpo_lean import modeling, train
+from dpo_lean import modeling, scoring, train
 from dpo_lean.errors import DpoLeanError
 from dpo_lean.tiny import build_tokenizer, write_tiny_model
 
@@ -128,7 +128,7 @@ def _other_tokenizer(tmp_path):
 ])
 def test_refuses_a_cache_built_for_something_else(field, overrides, tiny_config, tmp_path):
     with pytest.raises(DpoLeanError) as err:
-        train.prepare_run(tiny_config(**overrides(tmp_path)))
+        scoring.prepare_run(tiny_config(**overrides(tmp_path)))
     message = str(err.value)
     assert f"{field}:" in message and "dpo-lean precompute" in message and "\n" not in message
 
@@ -137,14 +137,14 @@ def test_rows_missing_from_the_cache_are_counted(tiny_config):
     config = tiny_config()
     next(config.resolved_ref_cache_dir.glob("part-*.parquet")).unlink()
     with pytest.raises(DpoLeanError) as err:
-        train.prepare_run(config)
+        scoring.prepare_run(config)
     assert str(err.value).startswith("16 of 64 training rows are not in the cache ")
     assert "run `dpo-lean precompute CONFIG.yaml`" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_no_cache_says_run_precompute(tiny_config, tmp_path):
     with pytest.raises(DpoLeanError, match="run `dpo-lean precompute"):
-        train.prepare_run(tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "none")))
+        scoring.prepare_run(tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "none")))
 
 
 def test_resume_needs_a_checkpoint(tiny_config):
