@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from transformers import Trainer
 
 from . import adapters, faults, launch, modeling
 from .config import Config
@@ -29,107 +30,102 @@ from .scoring import EvalSet, PairCollator, prepare_run, split_eval, to_dataset
 from .sharing import prefix_sharing
 
 
-def _trainer_class():
-    from transformers import Trainer
+class DPOLeanTrainer(Trainer):
+    """Trainer whose loss is the preference loss against cached reference log-probs; TRL's metric names."""
 
-    class DPOLeanTrainer(Trainer):
-        """Trainer whose loss is the preference loss against cached reference log-probs; TRL's metric names."""
+    def __init__(self, *args, dpo: Config, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpo = dpo
+        self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean: Trainer scales for accumulation
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
+        self.train_tokens = 0  # non-padding tokens trained on in this process's run (all ranks summed)
+        self.guard = faults.NonFiniteGuard(skip=dpo.skip_nonfinite_steps)
+        self.guard.accelerator = self.accelerator
+        self.add_callback(self.guard)
+        # (policy - reference) per pair in the first step, when the reference is not the starting point
+        self.step0: list[torch.Tensor] | None = None if modeling.reference_is_start(dpo) else []
+        self.step0_logratios: dict[str, float] | None = None
 
-        def __init__(self, *args, dpo: Config, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.dpo = dpo
-            self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean: Trainer scales for accumulation
-            self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-            self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
-            self.train_tokens = 0  # non-padding tokens trained on in this process's run (all ranks summed)
-            self.guard = faults.NonFiniteGuard(skip=dpo.skip_nonfinite_steps)
-            self.guard.accelerator = self.accelerator
-            self.add_callback(self.guard)
-            # (policy - reference) per pair in the first step, when the reference is not the starting point
-            self.step0: list[torch.Tensor] | None = None if modeling.reference_is_start(dpo) else []
-            self.step0_logratios: dict[str, float] | None = None
+    @property
+    def reward_baseline(self):
+        """The RewardBaseline callback (pref_bco_weight), looked up each time: a resume may replace it."""
+        return next((c for c in self.callback_handler.callbacks if isinstance(c, RewardBaseline)), None)
 
-        @property
-        def reward_baseline(self):
-            """The RewardBaseline callback (pref_bco_weight), looked up each time: a resume may replace it."""
-            return next((c for c in self.callback_handler.callbacks if isinstance(c, RewardBaseline)), None)
+    def _bco_baseline(self, training: bool):
+        """pref_bco_weight's delta: a training batch updates the running mean (all ranks), eval reads it."""
+        baseline = self.reward_baseline
+        if baseline is None:
+            return None
+        if training:
+            return lambda reward: baseline.update(self.accelerator.gather(reward.reshape(1)))
+        return lambda reward: baseline.mean
 
-        def _bco_baseline(self, training: bool):
-            """pref_bco_weight's delta: a training batch updates the running mean (all ranks), eval reads it."""
-            baseline = self.reward_baseline
-            if baseline is None:
-                return None
-            if training:
-                return lambda reward: baseline.update(self.accelerator.gather(reward.reshape(1)))
-            return lambda reward: baseline.mean
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        self.guard.wrap(optimizer, lambda: self.state.global_step + 1)
+        return optimizer
 
-        def create_optimizer(self, model=None):
-            optimizer = super().create_optimizer(model)
-            self.guard.wrap(optimizer, lambda: self.state.global_step + 1)
-            return optimizer
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.dpo.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return LengthGroupedSampler(dataset["length"], self.args.per_device_train_batch_size, self.args.seed)
 
-        def _get_train_sampler(self, train_dataset=None):
-            if not self.dpo.group_by_length:
-                return super()._get_train_sampler(train_dataset)
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            return LengthGroupedSampler(dataset["length"], self.args.per_device_train_batch_size, self.args.seed)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        scores = batch_scores(model, inputs, self.dpo.logprob_chunk_size, wpo=self.dpo.pref_use_weighting)
+        losses, stats = pair_metrics(self.dpo, scores, inputs, bco_baseline=self._bco_baseline(model.training))
+        if model.training:
+            self.guard.observe(inputs["row_index"], losses)
+            if self.step0 is not None and self.state.global_step == 0:  # policy - reference, (chosen, rejected)
+                gap = scores["logps"].detach().reshape(2, -1).t() - torch.stack([inputs["ref_chosen_logps"],
+                                                                    inputs["ref_rejected_logps"]], dim=1)
+                self.step0.append(self.accelerator.gather_for_metrics(gap).cpu())
+        else:
+            stats["loss"] = losses.detach()  # eval_loss: a mean over rows like the rest (see log)
+        self._record(model.training, stats, inputs["num_tokens"])
+        loss = losses.mean()
+        return (loss, {"logps": scores["logps"].detach()}) if return_outputs else loss
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            scores = batch_scores(model, inputs, self.dpo.logprob_chunk_size, wpo=self.dpo.pref_use_weighting)
-            losses, stats = pair_metrics(self.dpo, scores, inputs, bco_baseline=self._bco_baseline(model.training))
-            if model.training:
-                self.guard.observe(inputs["row_index"], losses)
-                if self.step0 is not None and self.state.global_step == 0:  # policy - reference, (chosen, rejected)
-                    gap = scores["logps"].detach().reshape(2, -1).t() - torch.stack([inputs["ref_chosen_logps"],
-                                                                        inputs["ref_rejected_logps"]], dim=1)
-                    self.step0.append(self.accelerator.gather_for_metrics(gap).cpu())
-            else:
-                stats["loss"] = losses.detach()  # eval_loss: a mean over rows like the rest (see log)
-            self._record(model.training, stats, inputs["num_tokens"])
-            loss = losses.mean()
-            return (loss, {"logps": scores["logps"].detach()}) if return_outputs else loss
+    def _record(self, training, stats, num_tokens: int):
+        """Keep every row's metrics (all ranks gathered, duplicates dropped); log averages over rows."""
+        mode = "train" if training else "eval"
+        for key, values in stats.items():
+            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(values).float().cpu())
+        if training:
+            tokens = int(self.accelerator.gather_for_metrics(torch.tensor([num_tokens], device=self.args.device)).sum())
+            self._tokens_since_log += tokens
+            self.train_tokens += tokens
 
-        def _record(self, training, stats, num_tokens: int):
-            """Keep every row's metrics (all ranks gathered, duplicates dropped); log averages over rows."""
-            mode = "train" if training else "eval"
-            for key, values in stats.items():
-                self._metrics[mode][key].append(self.accelerator.gather_for_metrics(values).float().cpu())
-            if training:
-                tokens = int(self.accelerator.gather_for_metrics(torch.tensor([num_tokens], device=self.args.device)).sum())
-                self._tokens_since_log += tokens
-                self.train_tokens += tokens
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad(), self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval"
+        prefix = "" if mode == "train" else "eval_"
+        for key, values in self._metrics[mode].items():
+            if values:
+                logs[prefix + key] = torch.cat(values).mean().item()
+        self._metrics[mode].clear()
+        if mode == "train" and self.step0:
+            from .reporting import step0_report
 
-        def log(self, logs: dict, start_time: float | None = None) -> None:
-            mode = "train" if "loss" in logs else "eval"
-            prefix = "" if mode == "train" else "eval_"
-            for key, values in self._metrics[mode].items():
-                if values:
-                    logs[prefix + key] = torch.cat(values).mean().item()
-            self._metrics[mode].clear()
-            if mode == "train" and self.step0:
-                from .reporting import step0_report
-
-                self.step0_logratios, message = step0_report(torch.cat(self.step0))
-                self.step0 = None
-                launch.say(message)
-            if mode == "train":
-                now = time.perf_counter()
-                logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
-                logs["peak_memory_gb"] = round(peak_memory_gb(self.args.device), 3)
-                if self.dpo.skip_nonfinite_steps:
-                    logs["nonfinite_steps_skipped"] = self.guard.skipped
-                if self.args.fp16:
-                    logs["grad_scaler_steps_skipped"] = self.guard.scaler_skipped
-                self._tokens_since_log, self._last_log_time = 0, now
-            super().log(logs, start_time)
-
-    return DPOLeanTrainer
+            self.step0_logratios, message = step0_report(torch.cat(self.step0))
+            self.step0 = None
+            launch.say(message)
+        if mode == "train":
+            now = time.perf_counter()
+            logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
+            logs["peak_memory_gb"] = round(peak_memory_gb(self.args.device), 3)
+            if self.dpo.skip_nonfinite_steps:
+                logs["nonfinite_steps_skipped"] = self.guard.skipped
+            if self.args.fp16:
+                logs["grad_scaler_steps_skipped"] = self.guard.scaler_skipped
+            self._tokens_since_log, self._last_log_time = 0, now
+        super().log(logs, start_time)
 
 
 def training_arguments(config: Config, has_eval: bool):
@@ -241,7 +237,7 @@ def run_train(config: Config) -> dict:
     writer = MetricsWriter(config.metrics_dir, plot=config.plot_loss, extra_summary=lambda: summary_extra)
     interrupt = faults.StopOnInterrupt()
     baseline = [RewardBaseline()] if config.pref_bco_weight else []
-    trainer = _trainer_class()(
+    trainer = DPOLeanTrainer(
         model=model, args=args, dpo=config,
         data_collator=PairCollator(tokenizer.pad_token_id, sharing, tails=config.ld_alpha is not None),
         train_dataset=to_dataset(train_rows, ref),
