@@ -151,12 +151,12 @@ def test_the_cache_serves_either_layout(tiny_config, tmp_path, monkeypatch):
 def test_training_with_and_without_prefix_sharing_agrees(tiny_config, tmp_path, monkeypatch):
     import json
 
-    from dpo_lean import train
+    from dpo_lean import scoring
     from dpo_lean.train import run_train
 
     finals, layouts = [], []
     for shared in (True, False):
-        counts = _count_layouts(monkeypatch, train)
+        counts = _count_layouts(monkeypatch, scoring)  # training's collator
         layouts.append(counts)
         config = tiny_config(prefix_sharing=shared, max_steps=4, logging_steps=4, save_strategy="no",
                              learning_rate=5e-3, pref_beta=0.5, per_device_train_batch_size=4,
