@@ -187,6 +187,8 @@ def run_data_bench(args) -> list[dict]:
     print(f"data: {len(source)} source rows from {args.source}, resampled to {', '.join(f'{n:,}' for n in sizes)}; "
           f"model {args.data_model} (template auto), cutoff_len {args.data_cutoff}")
     results = []
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in sizes:
             results.append(bench_size(Path(tmp), resample(source, n), args))
