@@ -222,10 +222,9 @@ def _changed_ids(state: cache.CacheState, rows: PreparedRows) -> list[str]:
     """'part: row N ...' for the first cached row of each part whose ids hash is not this run's tokenisation."""
     cached_ids, hashes = state.table.column("id").to_pylist(), state.table.column("ids_sha256").to_pylist()
     wanted, digests = set(cached_ids), {}
-    for start in range(0, len(rows), 1024):  # batch by batch: the ids stay in the prepared file
-        for r in rows.take(range(start, min(start + 1024, len(rows)))):
-            if r.id in wanted:
-                digests[r.id] = (r.row_index, cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids))
+    for r in rows:  # PreparedRows iterates batch by batch: the ids stay in the prepared file
+        if r.id in wanted:
+            digests[r.id] = (r.row_index, cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids))
     problems, start = {}, 0
     for name, n in state.parts:
         for row_id, h in zip(cached_ids[start:start + n], hashes[start:start + n]):

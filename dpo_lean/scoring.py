@@ -51,13 +51,12 @@ def load_reference(config: Config, fingerprint: dict, rows: PreparedRows,
                            f"{row_index[missing[0]]}); run `dpo-lean precompute CONFIG.yaml` to compute them "
                            "(only they are computed)")
     ref = {}
-    for start in range(0, len(rows), 1024):  # batch by batch: the ids stay in the prepared file
-        for r in rows.take(range(start, min(start + 1024, len(rows)))):
-            k = by_id[r.id]
-            if table["ids_sha256"][k] != cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids):
-                raise DpoLeanError(f"cache {cache_dir}: row {r.row_index} (id {r.id}) was cached from other token "
-                                   "ids than it tokenises to now; rerun `dpo-lean precompute CONFIG.yaml` to recompute it")
-            ref[r.id] = tuple(table[c][k] for c in REF_COLUMNS)
+    for r in rows:  # PreparedRows iterates batch by batch: the ids stay in the prepared file
+        k = by_id[r.id]
+        if table["ids_sha256"][k] != cache.ids_digest(r.prompt_ids, r.chosen_ids, r.rejected_ids):
+            raise DpoLeanError(f"cache {cache_dir}: row {r.row_index} (id {r.id}) was cached from other token "
+                               "ids than it tokenises to now; rerun `dpo-lean precompute CONFIG.yaml` to recompute it")
+        ref[r.id] = tuple(table[c][k] for c in REF_COLUMNS)
     return ref
 
 

@@ -125,19 +125,24 @@ def reset_peak() -> None:
         pass  # not Linux: the peak then covers the whole process
 
 
+def _proc_status_gb(field: str) -> float | None:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak) in GB; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+
+
 def current_gb() -> float | None:
     """Memory in use now: CUDA allocated, or the process's RSS (VmRSS)."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated() / 1e9
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    return None
+    return _proc_status_gb("VmRSS")
 
 
 def read_peak_gb() -> float:
@@ -145,12 +150,9 @@ def read_peak_gb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
+    peak = _proc_status_gb("VmHWM")
+    if peak is not None:
+        return peak
     from dpo_lean.measure import peak_memory_gb
 
     return peak_memory_gb()
