@@ -79,8 +79,7 @@ def stream_records(dataset: str, dataset_dir: str = "data", max_samples: int | N
         try:
             layout = detect_layout(_counted(open_rows(), count), fmt)
         except OSError as exc:
-            raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
-                               "is readable") from None
+            raise _unreadable(resolved.path, exc) from None
         if not count[0] and max_samples != 0:
             raise DpoLeanError(f"{label}: dataset '{spec}' has no rows; point at a file with preference pairs")
         if count[0] and layout is None:
@@ -104,8 +103,7 @@ def _rows_of(resolved: _Resolved, max_samples: int | None):
     try:
         fingerprint = _sha256(resolved.path)
     except OSError as exc:
-        raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
-                           "is readable") from None
+        raise _unreadable(resolved.path, exc) from None
     return (lambda: islice(iter_file(resolved.path), max_samples)), str(resolved.path.resolve()), fingerprint
 
 
@@ -130,8 +128,7 @@ def source_identity(dataset: str, dataset_dir: str = "data") -> dict[str, dict] 
         try:
             out[f"{n}:{spec}"] = {"sha256": _sha256(resolved.path), "suffix": resolved.path.suffix.lower(), "format": fmt}
         except OSError as exc:
-            raise DpoLeanError(f"{resolved.path}: cannot be read ({exc.strerror or exc}); check that the file "
-                               "is readable") from None
+            raise _unreadable(resolved.path, exc) from None
     return out
 
 
@@ -189,7 +186,7 @@ def _load_registry(base: Path) -> dict:
     except RecursionError:
         raise DpoLeanError(f"{path}: nested too deeply to read; fix the file") from None
     except OSError as exc:
-        raise DpoLeanError(f"{path}: cannot be read ({exc.strerror or exc}); check that the file is readable") from None
+        raise _unreadable(path, exc) from None
     if not isinstance(registry, dict):
         raise DpoLeanError(f"{path}: expected an object mapping dataset names to entries; fix the file")
     return registry
@@ -243,6 +240,10 @@ def _read_hub(resolved: _Resolved, max_samples: int | None) -> tuple[Rows, str]:
                            "either; check the id, split, network and HF_TOKEN, or download it and pass the file") from None
     revision = hub["revision"] or getattr(ds, "_fingerprint", None) or "unknown"
     return rows, f"{hub['id']}@{revision}"
+
+
+def _unreadable(path: Path, exc: OSError) -> DpoLeanError:
+    return DpoLeanError(f"{path}: cannot be read ({exc.strerror or exc}); check that the file is readable")
 
 
 def _sha256(path: Path) -> str:
