@@ -18,22 +18,17 @@ parts with the same batches, and the final cache equals an uninterrupted run's.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import re
-import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .errors import DpoLeanError
-from .files import atomic_write_text
 from .fingerprint import FORMAT_VERSION, fingerprint_diff, fingerprint_digest, sha256_bytes
 
 MANIFEST = "_manifest.json"
@@ -68,19 +63,9 @@ def check_format(cache_dir: Path, manifest: dict) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def atomic_write_json(path: Path, obj: dict) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-@contextmanager
 def _locked(cache_dir: Path):
     """Serialise manifest updates between shard processes sharing a directory."""
-    with open(cache_dir / "_lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return storage.locked(cache_dir, "cache directory", "set ref_cache_dir to a writable folder", lock_file="_lock")
 
 
 def read_manifest(cache_dir: Path) -> dict | None:
@@ -101,10 +86,6 @@ def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[str, int
     ``expected`` maps id -> row_index for every (distinct) row of this run's dataset.
     """
     cache_dir = Path(cache_dir)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DpoLeanError(f"cannot create cache directory {cache_dir}: {e.strerror or e}") from None
     with _locked(cache_dir):
         manifest = _sound_manifest(cache_dir, fingerprint)
         if manifest is not None and (manifest.get("format_version") != FORMAT_VERSION
@@ -121,14 +102,14 @@ def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[str, int
         elif manifest is None and not (cache_dir / MANIFEST).exists() and any(cache_dir.glob("part-*.parquet")):
             raise DpoLeanError(f"{cache_dir} holds Parquet parts but no {MANIFEST}; it is not a complete dpo-lean "
                                "cache: delete it or choose another ref_cache_dir")
-        remove_stale_temporaries(cache_dir)
+        storage.remove_stale_temporaries(cache_dir)
         manifest = manifest or {"format_version": FORMAT_VERSION, "created": _now(), "runs": []}
         before = dict(manifest)
         manifest.update(fingerprint_sha256=fingerprint_digest(fingerprint), fingerprint=fingerprint,
                         expected_rows=len(expected), rows_sha256=rows_digest(expected))
         if manifest != before or _read_expected(cache_dir, manifest) is None:
             _write_expected(cache_dir, expected)
-            atomic_write_json(cache_dir / MANIFEST, manifest)
+            storage.atomic_write_json(cache_dir / MANIFEST, manifest)
 
 
 def _sound_manifest(cache_dir: Path, fingerprint: dict) -> dict | None:
@@ -155,13 +136,7 @@ def _sound_manifest(cache_dir: Path, fingerprint: dict) -> dict | None:
 
 def _write_expected(cache_dir: Path, expected: dict[str, int]) -> None:
     table = pa.table({"id": list(expected), "row_index": list(expected.values())}, schema=EXPECTED_SCHEMA)
-    tmp = cache_dir / f".{EXPECTED}.{_writer()}.tmp"
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, cache_dir / EXPECTED)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DpoLeanError(f"cannot write {cache_dir / EXPECTED}: {e.strerror or e}") from None
+    storage.write_whole(cache_dir / EXPECTED, lambda tmp: pq.write_table(table, tmp), "cache file")
 
 
 def _read_expected(cache_dir: Path, manifest: dict) -> dict[str, int] | None:
@@ -179,44 +154,7 @@ def _read_expected(cache_dir: Path, manifest: dict) -> dict[str, int] | None:
 def _clear(cache_dir: Path) -> None:
     for p in list(cache_dir.glob("part-*.parquet")) + [cache_dir / MANIFEST, cache_dir / EXPECTED]:
         p.unlink(missing_ok=True)
-    remove_stale_temporaries(cache_dir)
-
-
-# ---------------------------------------------------------------- temporary files, one name per writer
-
-_TEMP = re.compile(r"\.(?P<final>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.tmp")
-
-
-def _writer() -> str:
-    """This process's mark in its temporary file names: host and pid (no other writer shares both)."""
-    return f"{_host()}.{os.getpid()}"
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-
-
-def temporary_name(final: str) -> str:
-    return f".{final}.{_writer()}.tmp"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
-
-
-def remove_stale_temporaries(cache_dir: Path) -> None:
-    """Remove temporary files left by writers of this host that are gone (killed mid-write). Another live
-    process's file, and any other host's, is left alone: that writer may be in the middle of it."""
-    for tmp in Path(cache_dir).glob(".*.tmp"):
-        m = _TEMP.fullmatch(tmp.name)
-        if m and m["host"] == _host() and (int(m["pid"]) == os.getpid() or not _alive(int(m["pid"]))):
-            tmp.unlink(missing_ok=True)
+    storage.remove_stale_temporaries(cache_dir)
 
 
 def _now() -> str:
@@ -243,16 +181,7 @@ def write_part(cache_dir: Path, name: str, columns: dict[str, list], fingerprint
     table = table.replace_schema_metadata({
         META_FINGERPRINT: json.dumps(fingerprint, sort_keys=True, default=str).encode(),
         META_DIGEST: fingerprint_digest(fingerprint).encode()})
-    final, tmp = cache_dir / name, cache_dir / temporary_name(name)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DpoLeanError(f"cannot write cache part {final}: {e.strerror or e}") from None
-    return final
+    return storage.write_whole(cache_dir / name, lambda tmp: pq.write_table(table, tmp), "cache part")
 
 
 def record_run(cache_dir: Path, summary: dict) -> None:
@@ -261,7 +190,7 @@ def record_run(cache_dir: Path, summary: dict) -> None:
     with _locked(cache_dir):
         manifest = read_manifest(cache_dir)
         manifest.setdefault("runs", []).append(summary)
-        atomic_write_json(cache_dir / MANIFEST, manifest)
+        storage.atomic_write_json(cache_dir / MANIFEST, manifest)
 
 
 # ---------------------------------------------------------------- reading

@@ -22,10 +22,10 @@ import torch
 from . import adapters, launch, modeling, scoring
 from .config import Config
 from .errors import DpoLeanError
-from .files import atomic_write_text
+from .layout import prefix_sharing
 from .logprobs import batch_scores
 from .objective import pair_metrics
-from .sharing import prefix_sharing
+from .storage import atomic_write_text
 
 RESULTS_NAME = "eval_results.json"
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",

@@ -19,12 +19,36 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DpoLeanError
-from .files import atomic_write_text
+from .storage import atomic_write_text
 
+PREPARED_FORMAT_VERSION = 1  # of the prepared data (data/prepared.py)
 FORMAT_VERSION = 3  # 2: + the tail columns (LD-DPO); 3: + ids_sha256, rows matched by id, whole-file digests
 INFORMATIONAL_PREFIXES = ("dataset.", "runtime.")
 INFORMATIONAL = {"dpo_lean_version", "model.name_or_path", "model.revision", "reference.model.name_or_path",
                  "reference.model.revision", "reference.adapter_paths"}
+# The config keys the reference cache's identity comes from, by what they set: its compared fingerprint fields, and
+# the rows' token ids that each cached row's ids_sha256 is checked against. One cache serves one value of each, so a
+# sweep (which shares its base's cache) cannot vary them. tests/test_cache_identity.py records the keys the
+# fingerprint's builders read and checks each is declared here or in READ_NOT_COMPARED.
+IDENTITY_KEYS = {
+    "model": ("model_name_or_path", "model_revision"),
+    "reference": ("ref_precision", "quantization_bit", "quantization_type", "double_quantization", "bf16", "fp16",
+                  "ref_model", "ref_model_adapters", "ref_model_quantization_bit", "adapter_name_or_path",
+                  "create_new_adapter"),
+    "template": ("template", "enable_thinking", "preserve_thinking", "default_system"),
+    "token ids": ("cutoff_len", "truncation_mode"),
+    "rows": ("dataset", "dataset_dir", "eval_dataset", "max_samples"),
+}
+# Keys those builders read that do not change what is cached: where files are found, the attention kernel
+# (recorded as information), whether remote code may run, and output_dir (a starting adapter may not lie in it).
+READ_NOT_COMPARED = frozenset({"cache_dir", "flash_attn", "trust_remote_code", "output_dir"})
+
+
+def identity_keys() -> frozenset[str]:
+    """Every config key in IDENTITY_KEYS."""
+    return frozenset(k for keys in IDENTITY_KEYS.values() for k in keys)
+
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -188,6 +212,24 @@ def build_fingerprint(config, tokenizer, data, reference: dict) -> dict:
         "runtime": runtime_info(config),
         "dpo_lean_version": __version__,
     }
+
+
+def prepared_fingerprint(config, tokenizer, template_text: str, sources: dict) -> dict:
+    """What prepared data's ids and skips depend on. ``sources``: the dataset files' identities
+    (sources.source_identity), or the loaded rows' content hash where a source has no stable identity."""
+    import tokenizers
+    import transformers
+
+    return {"format_version": PREPARED_FORMAT_VERSION, "sources": sources, "max_samples": config.max_samples,
+            "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "template": config.template,
+            "template_sha256": sha256_bytes(template_text.encode()), "cutoff_len": config.cutoff_len,
+            "truncation_mode": config.truncation_mode, "dpo_lean": __version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+
+
+def prepared_digest(fp: dict) -> str:
+    """The prepared data's file name: every field of its fingerprint counts (there is nothing informational)."""
+    return sha256_bytes(json.dumps(fp, sort_keys=True, default=str).encode())[:20]
 
 
 # ---------------------------------------------------------------- comparing

@@ -189,7 +189,7 @@ def completion_scores(token_values: torch.Tensor, batch: dict,
 
         logps       the sum over the completion's tokens
         tail_logps  the sum over its tokens past the pair's shorter completion (LD-DPO; when the batch has
-                    ``score_tail``, see data.collate); 0 for the shorter one
+                    ``score_tail``, see layout); 0 for the shorter one
         wpo_logps   mean over its tokens of (log p_t - log sum_v p_v^2), no gradient (WPO; when
                     ``token_log_sum_sq`` is given)
     """
@@ -209,7 +209,7 @@ def batch_scores(model, batch: dict, chunk_size: int | None = None, wpo: bool = 
     :func:`completion_scores` of its completions (``wpo``: also WPO's term, one more no-grad pass of the head
     over the completion positions, a chunk at a time).
 
-    ``batch`` comes from data.collate (either layout): the model gets ``input_ids``, ``attention_mask``
+    ``batch`` comes from layout (either layout): the model gets ``input_ids``, ``attention_mask``
     (and ``position_ids`` for the shared layout); the score fields say which tokens to sum.
     """
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}

@@ -20,15 +20,14 @@ from tqdm.auto import tqdm
 
 from . import cache, launch, modeling
 from .config import Config, require
-from .data.collate import Sharing, collate, describe_layout
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.prepared import PreparedRows
 from .data.tokenize import TokenizedRow
 from .errors import DpoLeanError, Interrupted
 from .fingerprint import build_fingerprint
+from .layout import Sharing, collate, describe_layout, prefix_sharing
 from .logprobs import batch_logps
 from .measure import peak_memory_gb
-from .sharing import prefix_sharing
 
 
 def plan_parts(rows: PreparedRows, batch_size: int, part_rows: int) -> list[list[np.ndarray]]:

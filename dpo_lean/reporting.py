@@ -20,7 +20,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .errors import DpoLeanError
-from .files import atomic_write_bytes, atomic_write_text
+from .storage import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

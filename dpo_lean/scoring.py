@@ -16,11 +16,11 @@ import torch
 
 from . import cache, launch, modeling
 from .config import Config, require
-from .data.collate import Sharing, collate
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.prepared import PreparedRows
 from .errors import DpoLeanError
 from .fingerprint import build_fingerprint, fingerprint_diff
+from .layout import Sharing, collate
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps", "ref_rejected_tail_logps")
 
@@ -93,7 +93,7 @@ def to_dataset(rows: PreparedRows, ref: dict | None):
 @dataclass
 class PairCollator:
     """Pairs -> a batch for batch_scores: two sequences per pair, or one shared sequence where ``sharing`` pays;
-    ``tails``: with LD-DPO's tail marks (see data.collate.mark_tails)."""
+    ``tails``: with LD-DPO's tail marks (see layout.mark_tails)."""
 
     pad_id: int
     sharing: Sharing | None = None

@@ -32,15 +32,12 @@ import click
 from . import launch, train
 from .config import FIELDS, Config, load_config, unknown_key_error
 from .errors import DpoLeanError
-from .files import atomic_write_text
+from .fingerprint import identity_keys
 from .reporting import save_figure
+from .storage import atomic_write_text
 
-# Keys the reference cache depends on (its fingerprint): one shared cache cannot serve several values.
-CACHE_KEYS = frozenset({
-    "model_name_or_path", "model_revision", "quantization_bit", "quantization_type", "double_quantization",
-    "ref_precision", "bf16", "fp16", "template", "enable_thinking", "preserve_thinking", "default_system", "cutoff_len",
-    "truncation_mode", "dataset", "dataset_dir", "eval_dataset", "max_samples", "adapter_name_or_path", "create_new_adapter",
-    "ref_model", "ref_model_adapters", "ref_model_quantization_bit"})
+# Keys the reference cache depends on (fingerprint.IDENTITY_KEYS): one shared cache cannot serve several values.
+CACHE_KEYS = identity_keys()
 # Keys the sweep sets for each run itself.
 RUN_KEYS = frozenset({"output_dir", "ref_cache_dir", "eval_ref_cache_dir", "prepared_dir", "resume_from_checkpoint",
                       "overwrite_cache"})

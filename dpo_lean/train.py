@@ -19,15 +19,14 @@ from transformers import Trainer
 
 from . import adapters, faults, launch, modeling
 from .config import Config
-from .data.collate import describe_layout
 from .data.pipeline import skip_summary, write_skip_report
 from .errors import DpoLeanError, Interrupted
+from .layout import describe_layout, prefix_sharing
 from .logprobs import batch_scores
 from .measure import peak_memory_gb
 from .objective import RewardBaseline, pair_metrics
 from .sampling import LengthGroupedSampler
 from .scoring import EvalSet, PairCollator, prepare_run, split_eval, to_dataset
-from .sharing import prefix_sharing
 
 
 class DPOLeanTrainer(Trainer):

@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import FIXTURES
 
-from dpo_lean import cache, fingerprint, scoring
+from dpo_lean import cache, fingerprint, scoring, storage
 from dpo_lean.fingerprint import fingerprint_diff, fingerprint_digest, model_fingerprint
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
@@ -143,7 +143,7 @@ def test_a_live_writers_temporary_part_survives_another_shards_open(tiny_config,
     cache_dir = config.resolved_ref_cache_dir
     manifest = cache.read_manifest(cache_dir)
     expected = cache._read_expected(cache_dir, manifest)
-    host = cache._host()  # the host as it appears in temporary names
+    host = storage.host()  # the host as it appears in temporary names
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         live = cache_dir / f".part-00001-0123456789.parquet.{host}.{writer.pid}.tmp"
@@ -168,7 +168,7 @@ def test_each_writer_writes_its_part_under_a_name_of_its_own(tmp_path, monkeypat
     monkeypatch.setattr(pq, "write_table", lambda table, where, *a, **k: seen.append(where) or real(table, where))
     columns = {name: [0] for name in cache.SCHEMA.names} | {"id": ["r0"], "ids_sha256": ["x"]}
     cache.write_part(tmp_path, cache.part_name(0, ["r0"]), columns, fp)
-    assert seen[0].name.endswith(f".{os.getpid()}.tmp") and f".{cache._host()}." in seen[0].name
+    assert seen[0].name.endswith(f".{os.getpid()}.tmp") and f".{storage.host()}." in seen[0].name
     assert cache.scan(tmp_path).complete
 
 
@@ -185,3 +185,40 @@ def test_a_cache_made_from_a_hub_id_serves_its_commit_and_its_snapshot_folder(ti
     for name, revision in (("org/tiny", COMMIT_A), (str(snap), "main")):
         ref = scoring.prepare_run(tiny_config(model_name_or_path=name, model_revision=revision, **run))[3]
         assert len(ref) == 8, name
+
+
+class _ReadRecorder:
+    """A config that notes every key read from it."""
+
+    def __init__(self, config):
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "read", set())
+
+    def __getattr__(self, key):
+        self.read.add(key)
+        return getattr(self._config, key)
+
+
+@pytest.mark.parametrize("extra", [{}, {"quantization_bit": 4, "double_quantization": False, "ref_precision": "fp32"},
+                                   {"ref_model": str(FIXTURES / "tiny-model"), "ref_model_quantization_bit": 4}])
+def test_every_key_the_fingerprint_reads_is_declared_so_a_sweep_refuses_to_vary_it(tmp_path, extra):
+    """sweep.CACHE_KEYS is fingerprint.identity_keys(): a key the fingerprint's builders read but IDENTITY_KEYS
+    does not declare would let a sweep vary what its shared cache was computed with."""
+    from dpo_lean import modeling, sweep
+    from dpo_lean.config import from_dict
+    from dpo_lean.data.pipeline import prepare_data
+    from dpo_lean.data.templates import template_for
+
+    config = from_dict({"model_name_or_path": str(FIXTURES / "tiny-model"), "dataset": "demo_case",
+                        "dataset_dir": str(FIXTURES / "demo"), "output_dir": str(tmp_path), **extra})
+    tokenizer = modeling.load_tokenizer(config)
+    data = prepare_data(config, tokenizer)
+    recorder = _ReadRecorder(config)
+    reference = modeling.reference_spec(recorder)
+    fingerprint.build_fingerprint(recorder, tokenizer, data, reference)
+    modeling.load_tokenizer(recorder)
+    template_for(recorder, tokenizer)
+    undeclared = recorder.read - fingerprint.identity_keys() - fingerprint.READ_NOT_COMPARED
+    assert not undeclared
+    assert {"cutoff_len", "template", "model_name_or_path", "ref_precision"} <= recorder.read  # it saw the reads
+    assert sweep.CACHE_KEYS == fingerprint.identity_keys()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dpo_lean import modeling
-from dpo_lean.data.collate import collate, collate_pairs, collate_shared
+from dpo_lean.layout import collate, collate_pairs, collate_shared
 from dpo_lean.logprobs import batch_logps, batch_scores, gather_logps, log_sum_sq_probs, token_logps
 
 
@@ -125,7 +125,7 @@ def test_tail_and_wpo_scores_equal_naive_full_logits(tiny_config, layout):
         modeling.defer_output_head(model)
         batch = collate(*PAIRS, pad_id=0, tails=True) if layout == "pairs" else collate_shared(*PAIRS, pad_id=0)
         if layout == "shared":
-            from dpo_lean.data.collate import mark_tails
+            from dpo_lean.layout import mark_tails
             mark_tails(batch)
         scores = batch_scores(model, batch, chunk_size=2, wpo=True)
         stacked = batch_logps(model, batch, chunk_size=2)

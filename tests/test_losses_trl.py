@@ -22,8 +22,8 @@ import torch
 from conftest import FIXTURES
 
 from dpo_lean.config import from_dict
-from dpo_lean.data.collate import collate
 from dpo_lean.errors import DpoLeanError
+from dpo_lean.layout import collate
 from dpo_lean.logprobs import completion_scores
 from dpo_lean.objective import pair_metrics
 

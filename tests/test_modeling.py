@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dpo_lean import modeling
-from dpo_lean.data.collate import collate_pairs
 from dpo_lean.errors import DpoLeanError
+from dpo_lean.layout import collate_pairs
 from dpo_lean.logprobs import batch_logps
 
 

@@ -12,9 +12,9 @@ import torch
 
 from dpo_lean import cache, modeling
 from dpo_lean.config import from_dict
-from dpo_lean.data.collate import collate_pairs
 from dpo_lean.data.pipeline import prepare_data
 from dpo_lean.errors import DpoLeanError
+from dpo_lean.layout import collate_pairs
 from dpo_lean.logprobs import batch_logps
 from dpo_lean.precompute import run_precompute
 

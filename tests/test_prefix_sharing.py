@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from dpo_lean import modeling, scoring
-from dpo_lean.data.collate import Sharing, collate, collate_pairs, collate_shared, layout_flops, shared_attention_mask
 from dpo_lean.data.pipeline import prepare_data
 from dpo_lean.errors import DpoLeanError
+from dpo_lean.layout import Sharing, collate, collate_pairs, collate_shared, layout_flops, prefix_sharing, shared_attention_mask
 from dpo_lean.logprobs import batch_logps
-from dpo_lean.sharing import prefix_sharing
 
 
 def test_mask_by_hand():
@@ -210,7 +209,7 @@ LONG_ROWS = ([list(range(3, 43)), list(range(50, 62))], [list(range(100, 130)), 
 def test_window_layout_is_what_transformers_applies_to_two_sequences():
     from types import SimpleNamespace
 
-    from dpo_lean.sharing import WindowLayout, window_layout
+    from dpo_lean.layout import WindowLayout, window_layout
 
     assert window_layout(_sliding_model("qwen2")) == WindowLayout(48, None)  # every layer slides: one mask
     assert window_layout(_sliding_model("mistral")) == WindowLayout(48, None)  # no layer_types: every layer
@@ -243,7 +242,7 @@ def test_shared_equals_two_sequences_past_the_sliding_window(tiny_config, kind, 
 def test_the_startup_check_exercises_the_window(tiny_config, monkeypatch):
     """A wrong window layout (the full layer of a mixed model windowed too) fails the check, though the model's real
     window is longer than the check's pair: the check shrinks the window so the pair crosses it."""
-    from dpo_lean import sharing as sharing_module
+    from dpo_lean import layout as sharing_module
 
     model = _sliding_model("qwen2-mixed")
     monkeypatch.setattr(sharing_module, "window_layout", lambda m: sharing_module.WindowLayout(48, None))
@@ -256,7 +255,7 @@ def test_the_startup_check_exercises_the_window(tiny_config, monkeypatch):
 
 
 def test_sharing_tolerance_by_hand():
-    from dpo_lean.sharing import sharing_tolerance
+    from dpo_lean.layout import sharing_tolerance
 
     # bf16, 2 layers, n = 256: 2 * 4 * sqrt(3) * (2^-8 + 16 * 2^-24) * 10 = 8 * 1.7320508 * 0.0039072037 * 10
     got = sharing_tolerance(torch.tensor([10.0, 1.0]), num_layers=2, inner=256, dtype=torch.bfloat16)
@@ -279,7 +278,7 @@ def _bf16_model(head_scale: float, seed: int = 2):
 
 def _leaky_mask(monkeypatch):
     """A broken shared mask: rejected tokens see the chosen ones (as if the model ignored the 4-D mask)."""
-    import dpo_lean.data.collate as collate_module
+    import dpo_lean.layout as collate_module
 
     real = collate_module.shared_attention_mask
     monkeypatch.setattr(collate_module, "shared_attention_mask",

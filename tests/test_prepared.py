@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
+import sys
 
 import pyarrow as pa
 import pytest
@@ -13,6 +15,7 @@ from conftest import FIXTURES, SHARED_DEMO
 from test_cli import invoke, write_config
 from test_lf_parity import LF, base_tokenizer, case_config, records
 
+from dpo_lean import storage
 from dpo_lean.config import from_dict
 from dpo_lean.data import parallel, prepared
 from dpo_lean.data.pipeline import prepare_data
@@ -187,7 +190,9 @@ def test_a_build_killed_before_its_metadata_is_rebuilt_and_its_temp_file_removed
     config = from_dict(dict(dataset="demo_case", dataset_dir=str(FIXTURES / "demo"), template="auto", output_dir=str(tmp_path)))
     good = prepare_data(config, tiny_tokenizer)
     good.path.with_suffix(".json").unlink()  # the arrow file was renamed, the metadata never written
-    leftover = good.path.parent / f".{good.path.stem}.arrow.999.tmp"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a writer that was killed: its pid is free
+    leftover = good.path.parent / f".{good.path.name}.{storage.host()}.{gone.pid}.tmp"
     leftover.write_bytes(b"half")
     n = len(count_tokenising)
     again = prepare_data(config, tiny_tokenizer)

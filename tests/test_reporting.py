@@ -14,7 +14,6 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from dpo_lean.errors import DpoLeanError
-from dpo_lean.files import atomic_write_text
 from dpo_lean.reporting import (
     MetricsWriter,
     plot_curves,
@@ -22,6 +21,7 @@ from dpo_lean.reporting import (
     write_metrics_csv,
     write_summary,
 )
+from dpo_lean.storage import atomic_write_text
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

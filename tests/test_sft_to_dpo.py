@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lean import modeling, precompute, scoring, train
 from dpo_lean.config import from_dict
-from dpo_lean.data.collate import collate_pairs
 from dpo_lean.data.pipeline import prepare_data
 from dpo_lean.errors import DpoLeanError
+from dpo_lean.layout import collate_pairs
 from dpo_lean.logprobs import batch_logps
 from dpo_lean.tiny import build_tokenizer, write_tiny_model
 

@@ -256,8 +256,8 @@ def train_sft(raw: dict, warmup: int) -> dict:
     from transformers import Trainer
 
     from dpo_lean import modeling
-    from dpo_lean.data.collate import collate_pairs
     from dpo_lean.data.pipeline import prepare_data
+    from dpo_lean.layout import collate_pairs
 
     record = instrument_trainer(sequential=True)
     config = _config(raw)
@@ -368,8 +368,8 @@ def precompute_trl(raw: dict) -> dict:
 
 def precompute_bare(raw: dict) -> dict:
     from dpo_lean import modeling
-    from dpo_lean.data.collate import collate_pairs
     from dpo_lean.data.pipeline import prepare_data
+    from dpo_lean.layout import collate_pairs
     from dpo_lean.precompute import plan_parts
 
     config = _config(raw)

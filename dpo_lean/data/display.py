@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..files import atomic_write_text
+from ..storage import atomic_write_text
 from .tokenize import TokenizedRow
 
 NEWLINE = "\u21b5"  # ↵ before each line break, so "\n" and "\n\n" show

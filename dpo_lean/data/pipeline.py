@@ -14,9 +14,11 @@ from pathlib import Path
 
 import click
 
+from .. import storage
 from ..config import Config, require
 from ..errors import DpoLeanError
-from ..files import atomic_write_text
+from ..fingerprint import prepared_digest, prepared_fingerprint
+from ..storage import atomic_write_text
 from . import prepared
 from .parallel import CHUNK_ROWS, encode_batches
 from .prepared import PreparedRows
@@ -79,13 +81,13 @@ def prepare_data(config: Config, tokenizer, dataset: str | None = None, require_
     if identity is None:  # no stable identity: the loaded rows' content keys it
         loaded = load_records(config.dataset, config.dataset_dir, config.max_samples)
         identity = {"content_sha256": _content_hash(loaded.records), "rows": loaded.num_rows}
-    fp = prepared.fingerprint(config, tokenizer, template_text, identity)
-    key, directory = prepared.digest(fp), config.resolved_prepared_dir
+    fp = prepared_fingerprint(config, tokenizer, template_text, identity)
+    key, directory = prepared_digest(fp), config.resolved_prepared_dir
     with prepared.locked(directory):
         found = None if config.overwrite_cache else _reusable(directory, key)
         reused = found is not None
         if found is None:
-            prepared.clear_leftovers(directory)
+            storage.remove_stale_temporaries(directory)  # a killed build's
             reason = prepared.stale_reason(directory, key, config.dataset, fp)
             if reason:
                 click.echo(f"prepared data in {directory} was made for other settings ({reason}); tokenising again")

@@ -8,56 +8,32 @@
                         written last, so a crash leaves no half prepared data that looks whole
       .lock             held while one process checks or builds (torchrun ranks wait for the first)
 
-The digest hashes everything the ids depend on (:func:`fingerprint`): the dataset files' content and how they are
-read, the tokenizer, the template's definition, cutoff_len, truncation_mode and the library versions. Another
+The digest hashes everything the ids depend on (fingerprint.prepared_fingerprint): the dataset files' content and
+how they are read, the tokenizer, the template's definition, cutoff_len, truncation_mode and the library versions.
+Files are written as the reference cache's are (storage.py: per-writer temporary name, fsync, rename). Another
 digest's files for the same ``dataset`` are stale: removed when the new ones are written.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from .. import __version__
-from ..errors import DpoLeanError
-from ..files import atomic_write_text
+from .. import storage
+from ..fingerprint import fingerprint_diff
 from .records import Skip
 from .tokenize import TokenizedRow
 
-FORMAT_VERSION = 1
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 LEN_COLUMNS = ("prompt_len", "chosen_len", "rejected_len")
 SCHEMA = pa.schema([("row_index", pa.int64()), ("id", pa.string()),
                     *[(c, pa.list_(pa.int32())) for c in ID_COLUMNS], ("truncated", pa.bool_()),
                     *[(c, pa.int32()) for c in LEN_COLUMNS], ("length", pa.int32())])
-
-
-def fingerprint(config, tokenizer, template_text: str, sources: dict) -> dict:
-    """Everything the ids and skips depend on. ``sources``: the dataset files' identities (sources.source_identity),
-    or the content hash of the loaded rows where a source has no stable identity (a hub dataset without revision)."""
-    import tokenizers
-    import transformers
-
-    from ..fingerprint import tokenizer_fingerprint
-
-    return {"format_version": FORMAT_VERSION, "sources": sources, "max_samples": config.max_samples,
-            "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "template": config.template,
-            "template_sha256": hashlib.sha256(template_text.encode()).hexdigest(), "cutoff_len": config.cutoff_len,
-            "truncation_mode": config.truncation_mode, "dpo_lean": __version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
-
-
-def digest(fp: dict) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 # ---------------------------------------------------------------- reading
@@ -163,7 +139,7 @@ def _metas(directory: Path, key: str, dataset: str) -> list[tuple[Path, dict]]:
 
 def stale_reason(directory: Path, key: str, dataset: str, fp: dict) -> str:
     """'cutoff_len: 1024 -> 2048'-style differences from the newest other prepared data of ``dataset``, or ''."""
-    from ..fingerprint import fingerprint_diff
+
 
     others = [old for _, old in _metas(directory, key, dataset) if isinstance(old, dict)]
     return "; ".join(fingerprint_diff(others[-1], fp)[:3]) if others else ""
@@ -172,20 +148,9 @@ def stale_reason(directory: Path, key: str, dataset: str, fp: dict) -> str:
 # ---------------------------------------------------------------- writing
 
 
-@contextmanager
 def locked(directory: Path):
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        handle = open(directory / ".lock", "a+")
-    except OSError as e:
-        raise DpoLeanError(f"cannot create prepared data folder {directory}: {e.strerror or e}; set prepared_dir "
-                           "(or output_dir) to a writable folder") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Held while one process checks or builds prepared data in ``directory`` (torchrun ranks wait for the first)."""
+    return storage.locked(directory, "prepared data folder", "set prepared_dir (or output_dir) to a writable folder")
 
 
 def to_batch(rows: list[TokenizedRow]) -> pa.RecordBatch:
@@ -209,36 +174,25 @@ def write(directory: Path, key: str, batches: Iterable[tuple[pa.RecordBatch, lis
           metadata: Callable[[], dict]) -> dict:
     """Write the batches (in row_index order), then ``metadata()`` (known once they are through), crash-safe; remove
     stale prepared data of the same dataset."""
-    arrow_path = directory / f"{key}.arrow"
-    tmp = directory / f".{key}.arrow.{os.getpid()}.tmp"
     skips, kept = [], 0
-    try:
+
+    def stream(tmp: Path) -> None:
+        nonlocal kept
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
             for batch, batch_skips in batches:
                 if batch.num_rows:
                     writer.write_batch(batch)
                 kept += batch.num_rows
-                skips += batch_skips
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, arrow_path)
-    except OSError as e:
-        raise DpoLeanError(f"cannot write prepared data {arrow_path}: {e.strerror or e}; check free space and that "
-                           "the folder is writable") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+                skips.extend(batch_skips)
+
+    storage.write_whole(directory / f"{key}.arrow", stream, "prepared data",
+                        "check free space and that the folder is writable")
     meta = metadata()
     stale = _metas(directory, key, meta["dataset"])
     meta = {**meta, "digest": key, "rows_kept": kept,
             "skips": [[s.row_index, s.source, s.reason, s.detail] for s in sorted(skips, key=lambda s: s.row_index)]}
-    atomic_write_text(directory / f"{key}.json", json.dumps(meta) + "\n")  # \u escapes keep lone surrogates
+    storage.atomic_write_text(directory / f"{key}.json", json.dumps(meta) + "\n")  # \u escapes keep lone surrogates
     for old, _ in stale:
         old.unlink(missing_ok=True)
         old.with_suffix(".arrow").unlink(missing_ok=True)
     return meta
-
-
-def clear_leftovers(directory: Path) -> None:
-    """Temp files of a build that was killed: never complete, never read."""
-    for tmp in directory.glob(".*.arrow.*.tmp"):
-        tmp.unlink(missing_ok=True)

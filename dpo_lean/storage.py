@@ -1,0 +1,123 @@
+"""Storage both caches share (the reference cache, the prepared data): crash-safe writes, per-writer temporary
+names, a lock per folder. A reader sees the old file or the new one, never half of one; a killed writer's
+temporary file is recognised and removed, a live writer's never.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import DpoLeanError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        reason = (e.strerror or str(e)).replace("\n", " ")
+        raise DpoLeanError(f"cannot write {path}: {reason}; check free space and that the directory is writable") from e
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, creating parent directories."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------- one folder, several writers
+
+
+@contextmanager
+def locked(directory: Path, what: str, fix: str, lock_file: str = ".lock"):
+    """An exclusive lock on ``directory`` (its ``lock_file``) between processes (torchrun ranks, shards, a sweep's
+    runs): one checks or updates it at a time. The folder is created; if it cannot be, a one-line error naming
+    ``what`` and the ``fix``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / lock_file, "a+")
+    except OSError as e:
+        raise DpoLeanError(f"cannot create {what} {directory}: {e.strerror or e}; {fix}") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_TEMP = re.compile(r"\.(?P<final>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.tmp")
+
+
+def host() -> str:
+    """This machine's name as it appears in temporary file names."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def temporary_path(final: Path) -> Path:
+    """Where this process writes ``final`` before renaming it: ``.<name>.<host>.<pid>.tmp`` beside it, a name no
+    other writer shares."""
+    return final.parent / f".{final.name}.{host()}.{os.getpid()}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Remove temporary files left by writers of this host that are gone (killed mid-write). Another live
+    process's file, and any other host's, is left alone: that writer may be in the middle of it."""
+    for tmp in Path(directory).glob(".*.tmp"):
+        m = _TEMP.fullmatch(tmp.name)
+        if m and m["host"] == host() and (int(m["pid"]) == os.getpid() or not _alive(int(m["pid"]))):
+            tmp.unlink(missing_ok=True)
+
+
+def write_whole(final: Path, write: Callable[[Path], None], what: str, fix: str = "") -> Path:
+    """``write(tmp)`` under this process's temporary name, fsync, then rename to ``final``: the file exists whole
+    or not at all. An OSError becomes a one-line error naming ``what`` and the ``fix``."""
+    tmp = temporary_path(final)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as e:
+        raise DpoLeanError(f"cannot write {what} {final}: {e.strerror or e}" + (f"; {fix}" if fix else "")) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
