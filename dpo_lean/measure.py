@@ -1,16 +1,58 @@
-"""Peak memory of this process, the way the benchmark and the run summaries report it."""
+"""Memory of this process, the way the run summaries and the benchmark report it.
+
+On a GPU: CUDA allocated memory (now, and its peak). On CPU: the resident set size, now (VmRSS) and its peak
+(VmHWM), which :func:`reset_peak` restarts (Linux ``clear_refs``), so a peak can be taken over one phase.
+"""
 
 from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
 
+def _proc_status_gb(field: str) -> float | None:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak) in GB; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+
+
+def _on_gpu(device: torch.device | None) -> bool:
+    return device.type == "cuda" if device is not None else torch.cuda.is_available()
+
+
 def peak_memory_gb(device: torch.device | None = None) -> float:
-    """CUDA peak allocated on a GPU; peak resident set size of the process on CPU."""
+    """CUDA peak allocated on a GPU; peak resident set size of the process on CPU (since the last reset_peak)."""
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
+    peak = _proc_status_gb("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KiB on Linux
+
+
+def current_memory_gb(device: torch.device | None = None) -> float | None:
+    """Memory in use now: CUDA allocated on a GPU, else the process's RSS (None where the OS does not say)."""
+    if _on_gpu(device):
+        return torch.cuda.memory_allocated(device) / 1e9
+    return _proc_status_gb("VmRSS")
+
+
+def reset_peak(device: torch.device | None = None) -> None:
+    """Start peak measurement afresh: CUDA's peak stats, or the kernel's VmHWM (Linux clear_refs; elsewhere the
+    peak keeps covering the whole process)."""
+    if _on_gpu(device):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass

@@ -213,6 +213,7 @@ def run_train(config: Config) -> dict:
     """Train the policy; every process of a distributed launch runs this, the main one writes the files."""
     from .reporting import MetricsWriter
 
+    t0 = time.perf_counter()
     tokenizer, data, fingerprint, ref = prepare_run(config)
     launch.say(data.describe())
     launch.say(f"data: {skip_summary(data)}")
@@ -220,7 +221,7 @@ def run_train(config: Config) -> dict:
         launch.say(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
     train_rows, eval_set = split_eval(config, tokenizer, data, ref)
     launch.say(f"train: {len(train_rows)} pairs" + (f", eval: {len(eval_set.rows)} pairs" if eval_set.rows else "")
-         + f"; {_reference_note(config, eval_set)}")
+         + f"; {_reference_note(config, eval_set)} (data ready in {time.perf_counter() - t0:.1f} s)")
     args = training_arguments(config, bool(eval_set.rows))
     resume = resume_target(config)
     launch.say(adapters.describe_start(config) + ("" if modeling.reference_is_start(config) else

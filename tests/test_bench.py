@@ -1,4 +1,4 @@
-"""tools/bench.py data: it runs end to end and prints the issue-15 ratios, so the benchmark cannot rot."""
+"""tools/bench data: it runs end to end and prints the issue-15 ratios, so the benchmark cannot rot."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dpo_lean.tiny import demo_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-import bench_data  # noqa: E402
+from bench import data as bench_data  # noqa: E402
 
 
 def test_resample_makes_every_copy_unique_and_keeps_the_source_text():
@@ -41,7 +41,7 @@ def test_bench_data_end_to_end(tmp_path):
     source = tmp_path / "demo.json"
     source.write_text(json.dumps(demo_rows(20, seed=1)))
     figures = tmp_path / "figures.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "data", "--source", str(source),
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench"), "data", "--source", str(source),
                            "--sizes", "40", "--json", str(figures)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "40 rows: cold(2 workers) / floor = " in proc.stdout and "warm / cold(2 workers) = " in proc.stdout
@@ -53,7 +53,7 @@ def test_bench_data_end_to_end(tmp_path):
 
 
 def test_real_shape_parameter_counts_match_the_model_cards():
-    import bench_shapes
+    from bench import shapes as bench_shapes
 
     # Qwen2.5 model cards: 0.49B parameters (0.36B non-embedding), 1.54B (1.31B non-embedding); embeddings tied
     for name, total, non_embedding in (("Qwen2.5-0.5B", 0.49e9, 0.36e9), ("Qwen2.5-1.5B", 1.54e9, 1.31e9)):
@@ -63,7 +63,7 @@ def test_real_shape_parameter_counts_match_the_model_cards():
 
 
 def test_real_shape_tokenizer_gives_exact_lengths_and_survives_qwen2_reload(tmp_path):
-    import bench_shapes
+    from bench import shapes as bench_shapes
     from transformers import AutoTokenizer, Qwen2Config
 
     tokenizer = bench_shapes.word_tokenizer()

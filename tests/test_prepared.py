@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -270,3 +271,26 @@ def test_rows_are_gathered_in_the_order_asked_across_the_file_batches(tmp_path, 
         (e["row_index"], e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in expected]
     view = small.subset(order[::-1])
     assert view.take([0, 2]) == [got[-1], got[-3]] and list(view)[-1] == got[0]
+
+
+def test_a_cold_prepare_hashes_each_dataset_file_once(tmp_path, tiny_tokenizer, monkeypatch):
+    """Before: source_identity hashed the file to key the prepared data, then reading its rows hashed it again."""
+    import hashlib
+
+    from dpo_lean import fingerprint
+
+    data = tmp_path / "rows.json"
+    shutil.copy(FIXTURES / "data" / "sharegpt.json", data)
+    read = []
+    real_open = open
+
+    def counting_open(file, mode="r", *a, **k):
+        if Path(file).resolve() == data.resolve() and "b" in mode:
+            read.append(mode)
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    prepare_data(from_dict(dict(dataset=str(data), template="auto", output_dir=str(tmp_path / "out"))), tiny_tokenizer)
+    monkeypatch.undo()
+    assert len(read) == 1  # one hash; the rows themselves are read as text
+    assert fingerprint.file_sha256(data) == hashlib.sha256(data.read_bytes()).hexdigest()

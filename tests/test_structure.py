@@ -39,3 +39,11 @@ def test_the_checker_finds_a_cycle_through_a_deferred_import_and_a_long_function
     assert structure.cycles(structure.import_graph(mods)) == [["pkg.a", "pkg.sub.b"]]
     assert structure.long_functions(mods) == {"pkg.sub.b:g": 62}
     assert structure.long_modules(mods, limit=60) == {"pkg.sub.b": 65}
+
+
+def test_the_benchmark_package_has_the_same_shape():
+    """tools/bench: one job a module, no cycle, nothing over the limits."""
+    mods = structure.modules(structure.PACKAGE.parent / "tools" / "bench")
+    assert {"bench.cli", "bench.contenders", "bench.patches", "bench.worker", "bench.tables"} <= set(mods)
+    assert structure.cycles(structure.import_graph(mods)) == []
+    assert structure.long_modules(mods) == {} and structure.long_functions(mods) == {}

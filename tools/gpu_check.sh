@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Check dpo-lean's GPU paths in one command, and print one summary.
 #
-#   tools/gpu_check.sh [MODEL]      # MODEL: a hub id or local folder for bench.py (default Qwen/Qwen2.5-0.5B-Instruct)
+#   tools/gpu_check.sh [MODEL]      # MODEL: a hub id or local folder for tools/bench (default Qwen/Qwen2.5-0.5B-Instruct)
 #
 # On a CUDA machine it runs, each step logged to $OUT (default gpu_check_output/):
 #   1. cuda tests        every @pytest.mark.cuda test but the out-of-memory ones (bf16 check, device placement, ...)
@@ -9,7 +9,7 @@
 #   3. demo bf16 4-bit   the demo's data, precompute, train and evaluate with bf16=true on the 4-bit tiny model
 #   4. OOM halving       a real CUDA out-of-memory under a measured memory cap, halved and retried
 #   5. torchrun 2 GPUs   precompute and train under torchrun on 2 GPUs (NCCL), when there are two
-#   6. bench             tools/bench.py all --model MODEL
+#   6. bench             tools/bench all --model MODEL
 # On a machine without CUDA, steps 1 and 2 run (the cuda tests skip, and it says so) and 3-6 are skipped.
 # The exit status is non-zero when a step fails. GPUS=N overrides the detected GPU count (e.g. to walk the GPU
 # branch on a CPU machine: the demo and torchrun then run on CPU, in float32, over gloo); PYTHON picks the interpreter.
@@ -80,7 +80,7 @@ Path('$d').mkdir(parents=True, exist_ok=True); Path('$d/cfg.yaml').write_text(ya
   else
     skip "torchrun 2 GPUs" "one GPU"
   fi
-  step "bench all --model $MODEL" "$PY" tools/bench.py all --model "$MODEL" --json "$OUT/bench.json"
+  step "bench all --model $MODEL" "$PY" tools/bench all --model "$MODEL" --json "$OUT/bench.json"
 else
   for name in "demo bf16 4-bit" "OOM halving" "torchrun 2 GPUs" "bench all --model $MODEL"; do
     skip "$name" "needs CUDA; torch.cuda.is_available() is false here"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DpoLeanError
+from ..fingerprint import file_sha256
 from .formats import FormatSpec, detect_layout, normalise_rows
 from .readers import JSON_DECODER, first_line, iter_file
 from .records import Record, Skip
@@ -101,7 +101,7 @@ def _rows_of(resolved: _Resolved, max_samples: int | None):
         rows, fingerprint = _read_hub(resolved, max_samples)
         return (lambda: iter(rows)), resolved.hub["id"], fingerprint
     try:
-        fingerprint = _sha256(resolved.path)
+        fingerprint = file_sha256(resolved.path)
     except OSError as exc:
         raise _unreadable(resolved.path, exc) from None
     return (lambda: islice(iter_file(resolved.path), max_samples)), str(resolved.path.resolve()), fingerprint
@@ -126,7 +126,7 @@ def source_identity(dataset: str, dataset_dir: str = "data") -> dict[str, dict] 
             out[f"{n}:{spec}"] = {"hub": resolved.hub, "format": fmt}
             continue
         try:
-            out[f"{n}:{spec}"] = {"sha256": _sha256(resolved.path), "suffix": resolved.path.suffix.lower(), "format": fmt}
+            out[f"{n}:{spec}"] = {"sha256": file_sha256(resolved.path), "suffix": resolved.path.suffix.lower(), "format": fmt}
         except OSError as exc:
             raise _unreadable(resolved.path, exc) from None
     return out
@@ -244,11 +244,3 @@ def _read_hub(resolved: _Resolved, max_samples: int | None) -> tuple[Rows, str]:
 
 def _unreadable(path: Path, exc: OSError) -> DpoLeanError:
     return DpoLeanError(f"{path}: cannot be read ({exc.strerror or exc}); check that the file is readable")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

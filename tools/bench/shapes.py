@@ -1,11 +1,11 @@
-"""`bench.py real-shapes` (or `bench.py all --real-shapes`): the train and precompute rows at real model shapes.
+"""`tools/bench real-shapes` (or `tools/bench all --real-shapes`): the train and precompute rows at real model shapes.
 
 The exact architectures of Qwen2.5-0.5B and Qwen2.5-1.5B (config.json values below, from the public model
 configs), random weights, their real 151,936-token vocabulary, NF4 4-bit base, LoRA r=16 on every linear layer.
 Tokens are random ids within the vocabulary at exact lengths: a word-level tokenizer maps the word ``w<i>`` to id
 i, so a row whose prompt and completions are such words tokenises to exactly the ids drawn (the ChatML markers
 around them included: the prompt is --prompt-tokens long, each completion --completion-tokens). Each contender
-runs as in bench.py train/precompute (its own process, the same rows and batches), 1 pair per step, cutoff 1024.
+runs as in `tools/bench train` / `precompute` (its own process, the same rows and batches), 1 pair per step, cutoff 1024.
 FLOP utilisation: achieved model FLOPs/s over this machine's fp32 matmul rate, timed in this run.
 """
 
@@ -16,6 +16,10 @@ import random
 import time
 from argparse import Namespace
 from pathlib import Path
+
+from bench.suite import dpo_config
+from bench.tables import print_table
+from bench.worker import spawn
 
 QWEN25_COMMON = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936, "hidden_act": "silu",
@@ -161,13 +165,11 @@ def matmul_rate(n: int = 2048, reps: int = 8) -> float:
 
 def run_shape(args, tmp: Path, name: str) -> dict:
     """Every train contender and the precompute pass against the bare forward, on one real shape."""
-    import bench  # tools/bench.py: its contenders and process spawning (imported late: it imports this module)
-
     print(f"\n{name}: building random weights", flush=True)
     model = build_shape_model(tmp / f"model-{name}", name)
     shape = Namespace(cutoff=1024, truncation="keep_start", batch=1, warmup=args.shape_warmup,
                       steps=args.shape_steps)
-    raw = bench.dpo_config(shape, model, str(tmp / f"rows-{name}.json"), tmp / name / "run")
+    raw = dpo_config(shape, model, str(tmp / f"rows-{name}.json"), tmp / name / "run")
     write_exact_rows(Path(raw["dataset"]), raw, shape.warmup + shape.steps, args.prompt_tokens,
                      args.completion_tokens)
     rate = matmul_rate()
@@ -178,7 +180,7 @@ def run_shape(args, tmp: Path, name: str) -> dict:
     for group, contender, warmup in [("precompute", "dpo-lean", 0), ("precompute", "bare-forward", 0),
                                      *[("train", c, shape.warmup) for c in args.shape_contenders]]:
         out = raw if group == "precompute" else {**raw, "output_dir": str(tmp / name / contender)}
-        result[group][contender] = r = bench.spawn(f"{group}:{contender}", out, warmup)
+        result[group][contender] = r = spawn(f"{group}:{contender}", out, warmup)
         print(f"{name} {group} {contender}: {json.dumps(r)}", flush=True)
     result["matmul_flops_start"], result["matmul_flops_end"] = rate, matmul_rate()
     result["matmul_flops"] = (rate + result["matmul_flops_end"]) / 2  # a shared machine's load drifts
@@ -191,8 +193,6 @@ def _util(flops_per_s: float, rate: float) -> str:
 
 
 def print_shape_tables(name: str, result: dict, shape: Namespace) -> None:
-    import bench
-
     n, rate = result["n_matmul_params"], result["matmul_flops"]
     rows = []
     for contender, r in result["train"].items():
@@ -204,7 +204,7 @@ def print_shape_tables(name: str, result: dict, shape: Namespace) -> None:
         rows.append((contender, f"{r['peak_gb']:.2f}", f"{start:.2f}" if start is not None else "",
                      f"{r['peak_gb'] - start:.2f}" if start is not None else "", f"{r['step_seconds']:.1f}",
                      f"{r['tokens_per_second']:,.1f}", f"{TRAIN_FLOPS[contender]}N", _util(flops, rate)))
-    bench._print_table(f"{name} train: {shape.steps} timed step(s) after {shape.warmup} warm-up, 1 pair per step; "
+    print_table(f"{name} train: {shape.steps} timed step(s) after {shape.warmup} warm-up, 1 pair per step; "
                        f"N = {n / 1e6:,.0f}M matmul parameters; fp32 matmul rate {rate / 1e9:,.0f} GFLOP/s (mean of "
                        f"{result['matmul_flops_start'] / 1e9:,.0f} before and {result['matmul_flops_end'] / 1e9:,.0f} "
                        "after)",
@@ -219,7 +219,7 @@ def print_shape_tables(name: str, result: dict, shape: Namespace) -> None:
         tps = r["tokens"] / r["seconds"]
         vs = f"{tps / (bare['tokens'] / bare['seconds']):.2f}x" if "error" not in bare else ""
         rows.append((contender, f"{r['peak_gb']:.2f}", f"{tps:,.1f}", vs, _util(2 * n * tps, rate)))
-    bench._print_table(f"{name} precompute (the pass after loading, {pre['dpo-lean'].get('tokens', 0):,} tokens)",
+    print_table(f"{name} precompute (the pass after loading, {pre['dpo-lean'].get('tokens', 0):,} tokens)",
                        rows, ("contender", "peak RSS GB", "tokens/s", "tokens/s / bare forward", "model GFLOP/s",
                               "of matmul rate"))
 
@@ -234,7 +234,7 @@ def run_real_shapes(args) -> dict:
 
 
 def add_shape_arguments(parser) -> None:
-    group = parser.add_argument_group("real shapes (bench.py real-shapes, or all --real-shapes)")
+    group = parser.add_argument_group("real shapes (tools/bench real-shapes, or all --real-shapes)")
     group.add_argument("--real-shapes", action="store_true", help="with `all`: also run the real-shape rows")
     group.add_argument("--shapes", nargs="+", choices=tuple(QWEN25), default=list(QWEN25))
     group.add_argument("--shape-steps", type=int, default=2, help="timed steps per train contender")

@@ -1,4 +1,4 @@
-"""`bench.py data`: how long `dpo-lean data-check` takes to prepare N rows, cold and warm, and its peak memory.
+"""`tools/bench data`: how long `dpo-lean data-check` takes to prepare N rows, cold and warm, and its peak memory.
 
 Rows resample the real demo set (``--source``, default ../shared/data/dpo_en_demo.json), each copy made unique
 by a counter appended to its first user turn, so no two rows share a content hash. For each size, three
@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "data"
 TINY_MODEL = ROOT / "tests" / "fixtures" / "tiny-model"
 RUNS = (("cold", 1), ("cold", 2), ("warm", 2))
@@ -197,7 +197,7 @@ def run_data_bench(args) -> list[dict]:
 
 
 def add_data_arguments(parser) -> None:
-    group = parser.add_argument_group("data (bench.py data)")
+    group = parser.add_argument_group("data (tools/bench data)")
     group.add_argument("--source", default=str(DEFAULT_SOURCE),
                        help="the demo set: dpo_en_demo.json or its folder (default ../shared/data)")
     group.add_argument("--sizes", type=int, nargs="+", default=[1200, 12000], help="row counts to generate")
