@@ -75,3 +75,19 @@ def test_real_shape_tokenizer_gives_exact_lengths_and_survives_qwen2_reload(tmp_
     ids = reloaded(text)["input_ids"]
     assert ids == tokenizer(text)["input_ids"] and len(ids) == 5
     assert max(ids) == bench_shapes.SPECIAL["<|endoftext|>"] - 1 and len(reloaded) == 151646
+
+
+def test_bench_scale_end_to_end(tmp_path):
+    """tools/bench scale reads the commands' own lines: the rows tokenised once (by precompute), reused by train."""
+    source = tmp_path / "demo.json"
+    source.write_text(json.dumps(demo_rows(20, seed=2)))
+    figures = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench"), "scale", "--source", str(source),
+                           "--scale-rows", "40", "--scale-steps", "2", "--json", str(figures)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(figures.read_text())
+    assert (result["precompute"]["tokenised"], result["precompute"]["reused"]) == (1, 0)
+    assert (result["train"]["tokenised"], result["train"]["reused"]) == (0, 1)
+    assert 0 <= result["train"]["data_ready_seconds"] < result["train"]["seconds"]
+    assert "the rows were tokenised 1 time(s) in total (target 1)" in proc.stdout

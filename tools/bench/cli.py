@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import bench
-from bench import data, scale, shapes
+from bench import data, scale, shapes, worker
 from bench.contenders import LORA
 from bench.suite import SHARED_DEMO, TRAIN_CONTENDERS, build_model, run_precompute_bench, run_train_bench, write_rows
 from bench.tables import machine
@@ -33,12 +33,18 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=TRAIN_CONTENDERS, default=list(TRAIN_CONTENDERS),
                         dest="train_contenders", help="train contenders to run (dpo-lean always runs)")
     parser.add_argument("--json", help="also write all figures to this file")
+    parser.add_argument("--malloc", choices=("live", "glibc"), default="live",
+                        help="live: fix glibc's mmap threshold in every contender, so peak RSS follows live memory "
+                             "(default); glibc: its default, under which freed buffers stay resident")
     data.add_data_arguments(parser)
     shapes.add_shape_arguments(parser)
     scale.add_scale_arguments(parser)
     args = parser.parse_args()
+    worker.ALLOCATOR_ENV = dict(worker.LIVE_MEMORY_ENV) if args.malloc == "live" else {}
     if args.command in ("data", "real-shapes", "scale"):
         print(f"machine: {machine()}")
+        if args.command == "real-shapes":
+            print(worker.allocator_line())
         run = {"data": data.run_data_bench, "real-shapes": shapes.run_real_shapes, "scale": scale.run_scale}[args.command]
         figures = run(args)
         if args.json:
@@ -47,6 +53,7 @@ def main() -> None:
     if "dpo-lean" not in args.train_contenders:
         args.train_contenders.insert(0, "dpo-lean")
     print(f"machine: {machine()}")
+    print(worker.allocator_line())
     print(f"rows: {args.rows} ({'multi-turn ' if args.multi_turn else ''}"
           f"{'dpo_en_demo.json' if SHARED_DEMO.exists() else 'generated'}), "
           f"cap {args.cutoff} tokens ({args.truncation}), batch {args.batch} pairs, NF4 base, "
