@@ -115,3 +115,14 @@ def test_templates_pickle_for_worker_processes():
     from dpo_lean.data.template_table import LF_TEMPLATES
 
     assert all(pickle.loads(pickle.dumps(t)) == t for t in LF_TEMPLATES.values())
+
+
+def test_the_tiny_tokenizers_own_chatml_is_llamafactorys_chatml_id_for_id(tmp_path):
+    """tiny.py writes ChatML as the Jinja chat_template a hub tokenizer ships (what template: auto renders);
+    template_table.py holds LF's chatml as slots. Two representations of one format: they must give the same ids."""
+    ids = {}
+    for name in ("auto", "chatml"):
+        config = from_dict({**DEMO, "max_samples": None, "template": name, "output_dir": str(tmp_path / name)})
+        rows = prepare_data(config, load_tokenizer(config)).rows
+        ids[name] = [(r.prompt_ids, r.chosen_ids, r.rejected_ids) for r in rows]
+    assert len(ids["auto"]) == 64 and ids["auto"] == ids["chatml"]

@@ -64,8 +64,6 @@ def stream_records(dataset: str, dataset_dir: str = "data", max_samples: int | N
     """:func:`load_records` chunk by chunk, holding one chunk of rows at a time (a JSON lines file is read line by
     line; a JSON array is read whole). Each file is read twice: once to check it and detect its layout (from all
     its rows), then to normalise it. ``summary`` gets num_rows and sources as each dataset ends."""
-    if max_samples is not None and max_samples < 0:
-        raise DpoLeanError(f"max_samples is {max_samples}; use a positive number or leave it unset")
     specs = [spec.strip() for spec in str(dataset or "").split(",") if spec.strip()]
     if not specs:
         raise DpoLeanError("dataset is empty; set it to a file path, a name from dataset_info.json or a hub id")

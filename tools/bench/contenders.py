@@ -180,7 +180,8 @@ def precompute_bare(raw: dict) -> dict:
     t0 = time.perf_counter()
     with modeling.inference(model), modeling.autocast(modeling.compute_dtype(config, dev), dev):
         for part in plan_parts(rows, config.precompute_ref_batch_size, 10**9):
-            for batch_rows in part:
+            for positions in part:
+                batch_rows = rows.take(positions)
                 b = collate_pairs([r.prompt_ids for r in batch_rows], [r.chosen_ids for r in batch_rows],
                                   [r.rejected_ids for r in batch_rows], 0)
                 model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
