@@ -49,5 +49,6 @@ The package, one job a module:
     data.py         `data`: data-check cold and warm on resampled demo rows, against the tokenizer floor
     shapes.py       `real-shapes`: the train and precompute rows at Qwen2.5-0.5B/1.5B shapes
     scale.py        `scale`: precompute then train on 60,000 generated rows, counting tokenisations
+    phases.py       `phases`: one train step's RSS phase by phase at a real shape, under both allocator settings
 Memory is measured with dpo_lean/measure.py, the code the run summaries use.
 """

@@ -8,15 +8,15 @@ import tempfile
 from pathlib import Path
 
 import bench
-from bench import data, scale, shapes, worker
+from bench import data, phases, scale, shapes, worker
 from bench.contenders import LORA
 from bench.suite import SHARED_DEMO, TRAIN_CONTENDERS, build_model, run_precompute_bench, run_train_bench, write_rows
 from bench.tables import machine
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("train", "precompute", "all", "data", "real-shapes", "scale"))
+    parser.add_argument("command", choices=("train", "precompute", "all", "data", "real-shapes", "scale", "phases"))
     parser.add_argument("--vocab", type=int, nargs="+", default=[151936, 32000])
     parser.add_argument("--model", help="a hub id or local directory instead of the offline models (use a GPU)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the offline model")
@@ -39,13 +39,19 @@ def main() -> None:
     data.add_data_arguments(parser)
     shapes.add_shape_arguments(parser)
     scale.add_scale_arguments(parser)
-    args = parser.parse_args()
+    phases.add_phase_arguments(parser)
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     worker.ALLOCATOR_ENV = dict(worker.LIVE_MEMORY_ENV) if args.malloc == "live" else {}
-    if args.command in ("data", "real-shapes", "scale"):
+    if args.command in ("data", "real-shapes", "scale", "phases"):
         print(f"machine: {machine()}")
         if args.command == "real-shapes":
             print(worker.allocator_line())
-        run = {"data": data.run_data_bench, "real-shapes": shapes.run_real_shapes, "scale": scale.run_scale}[args.command]
+        run = {"data": data.run_data_bench, "real-shapes": shapes.run_real_shapes, "scale": scale.run_scale,
+               "phases": phases.run_phases}[args.command]
         figures = run(args)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=1))

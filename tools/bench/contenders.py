@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.patches import instrument_trainer, time_trl_precompute
+from bench.patches import instrument_trainer, time_trl_precompute, trace_phases
 
 LORA = {"r": 16, "alpha": 32, "targets": "all-linear"}
 
@@ -189,6 +189,13 @@ def precompute_bare(raw: dict) -> dict:
     return {"seconds": time.perf_counter() - t0, "tokens": tokens}
 
 
+def traced(train, raw: dict, warmup: int) -> dict:
+    """A train contender with its steps' memory noted phase by phase (patches.trace_phases)."""
+    trace = trace_phases()
+    train(raw, warmup)
+    return {"trace": trace}
+
+
 WORKERS = {
     "train:dpo-lean": lambda raw, w: train_dpo_lean(raw, w),
     "train:dpo-lean+shared": lambda raw, w: train_dpo_lean(raw, w, sharing=True),
@@ -202,4 +209,6 @@ WORKERS = {
     "precompute:dpo-lean+auto": lambda raw, _: precompute_dpo_lean(raw, sharing="auto"),
     "precompute:trl": lambda raw, _: precompute_trl(raw),
     "precompute:bare-forward": lambda raw, _: precompute_bare(raw),
+    "phases:dpo-lean": lambda raw, w: traced(train_dpo_lean, raw, w),
+    "phases:trl": lambda raw, w: traced(train_trl, raw, w),
 }

@@ -8,7 +8,9 @@ what a benchmark needs, so:
   - ``Trainer._get_train_sampler`` (private) returns a sequential sampler, so every contender sees the rows in
     file order and runs the same batches;
   - TRL's ``DPOTrainer._precompute_ref_logps`` (private) is wrapped in a timer: its precompute pass runs inside
-    the DPOTrainer constructor, with no callback.
+    the DPOTrainer constructor, with no callback;
+  - for `phases`, ``Trainer.training_step`` and ``torch.optim.AdamW.step`` note the memory between a step's
+    phases (a forward hook marks the end of each forward): callbacks only see a step's start and end.
 """
 
 from __future__ import annotations
@@ -88,3 +90,39 @@ def time_trl_precompute() -> dict:
 
     DPOTrainer._precompute_ref_logps = timed
     return timing
+
+
+def trace_phases() -> list[tuple[str, float, float]]:
+    """Patch the Trainer's step, the model's forward and AdamW's step to note (phase, RSS now, peak) in GB."""
+    import torch
+    import transformers
+
+    from dpo_lean.measure import current_memory_gb, peak_memory_gb, reset_peak
+
+    trace = []
+
+    def note(phase: str) -> None:
+        trace.append((phase, current_memory_gb(), peak_memory_gb()))
+
+    step = transformers.Trainer.training_step
+
+    def traced_step(self, model, inputs, *a, **kw):
+        reset_peak()
+        note("step start")
+        hook = model.register_forward_hook(lambda *_: note("after forward"))
+        try:
+            out = step(self, model, inputs, *a, **kw)
+        finally:
+            hook.remove()
+        note("after backward")
+        return out
+
+    adam_step = torch.optim.AdamW.step
+
+    def traced_adam(self, *a, **kw):
+        out = adam_step(self, *a, **kw)
+        note("after optimizer")
+        return out
+
+    transformers.Trainer.training_step, torch.optim.AdamW.step = traced_step, traced_adam
+    return trace

@@ -194,6 +194,12 @@ def _util(flops_per_s: float, rate: float) -> str:
 
 def print_shape_tables(name: str, result: dict, shape: Namespace) -> None:
     n, rate = result["n_matmul_params"], result["matmul_flops"]
+    if result["train"]:
+        _print_train_table(name, result, shape, n, rate)
+    _print_precompute_table(name, result, n, rate)
+
+
+def _print_train_table(name: str, result: dict, shape: Namespace, n: int, rate: float) -> None:
     rows = []
     for contender, r in result["train"].items():
         if "error" in r:
@@ -210,6 +216,9 @@ def print_shape_tables(name: str, result: dict, shape: Namespace) -> None:
                        "after)",
                        rows, ("contender", "peak RSS GB", "RSS at train start GB", "peak - start GB", "step s",
                               "tokens/s", "FLOPs/token", "model GFLOP/s", "of matmul rate"))
+
+
+def _print_precompute_table(name: str, result: dict, n: int, rate: float) -> None:
     rows, pre = [], result["precompute"]
     bare = pre["bare-forward"]
     for contender, r in pre.items():
@@ -239,6 +248,7 @@ def add_shape_arguments(parser) -> None:
     group.add_argument("--shapes", nargs="+", choices=tuple(QWEN25), default=list(QWEN25))
     group.add_argument("--shape-steps", type=int, default=2, help="timed steps per train contender")
     group.add_argument("--shape-warmup", type=int, default=1, help="warm-up steps before them")
-    group.add_argument("--shape-contenders", nargs="+", choices=TRAIN, default=list(TRAIN))
+    group.add_argument("--shape-contenders", nargs="*", choices=TRAIN, default=list(TRAIN),
+                       help="train contenders to run (none: only the precompute rows)")
     group.add_argument("--prompt-tokens", type=int, default=512)
     group.add_argument("--completion-tokens", type=int, default=256)
