@@ -25,12 +25,13 @@ def _proc_status_gb(field: str) -> float | None:
 
 
 def _on_gpu(device: torch.device | None) -> bool:
-    return device.type == "cuda" if device is not None else torch.cuda.is_available()
+    """CUDA memory only for a CUDA ``device``; None means the process's RSS, in all three functions alike."""
+    return device is not None and device.type == "cuda"
 
 
 def peak_memory_gb(device: torch.device | None = None) -> float:
     """CUDA peak allocated on a GPU; peak resident set size of the process on CPU (since the last reset_peak)."""
-    if device is not None and device.type == "cuda":
+    if _on_gpu(device):
         return torch.cuda.max_memory_allocated(device) / 1e9
     peak = _proc_status_gb("VmHWM")
     if peak is not None:

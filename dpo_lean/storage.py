@@ -10,7 +10,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,30 +17,14 @@ from pathlib import Path
 from .errors import DpoLeanError
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    """Write ``data`` to ``path`` crash-safe (:func:`write_whole`), creating parent directories."""
     path = Path(path)
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        reason = (e.strerror or str(e)).replace("\n", " ")
-        raise DpoLeanError(f"cannot write {path}: {reason}; check free space and that the directory is writable") from e
+        raise DpoLeanError(f"cannot write {path}: {e.strerror or e}; check that the directory can be created") from None
+    write_whole(path, lambda tmp: tmp.write_bytes(data), "", "check free space and that the directory is writable")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -109,7 +92,8 @@ def remove_stale_temporaries(directory: Path) -> None:
 
 def write_whole(final: Path, write: Callable[[Path], None], what: str, fix: str = "") -> Path:
     """``write(tmp)`` under this process's temporary name, fsync, then rename to ``final``: the file exists whole
-    or not at all. An OSError becomes a one-line error naming ``what`` and the ``fix``."""
+    or not at all (every crash-safe write of the project goes through here). An OSError becomes a one-line error
+    naming ``what`` (may be empty) and the ``fix``."""
     tmp = temporary_path(final)
     try:
         write(tmp)
@@ -117,7 +101,8 @@ def write_whole(final: Path, write: Callable[[Path], None], what: str, fix: str 
             os.fsync(fh.fileno())
         os.replace(tmp, final)
     except OSError as e:
-        raise DpoLeanError(f"cannot write {what} {final}: {e.strerror or e}" + (f"; {fix}" if fix else "")) from None
+        reason = str(e.strerror or e).replace("\n", " ")
+        raise DpoLeanError(f"cannot write {what + ' ' if what else ''}{final}: {reason}" + (f"; {fix}" if fix else "")) from None
     finally:
         tmp.unlink(missing_ok=True)
     return final
