@@ -108,7 +108,7 @@ class Config:
 
     # --- reference cache ---
     ref_cache_dir: str | None = _key(None, "Reference log-prob cache directory; default <output_dir>/ref_cache. (LLaMA-Factory's cache_dir is the hub cache, so this key has its own name.)", group="cache", lf=None)
-    prepared_dir: str | None = _key(None, "Where the tokenised dataset (prepared data, README: Data) is kept and reused by every command; default <output_dir>/prepared. A sweep's runs share their base's.", group="cache", lf=None)
+    prepared_dir: str | None = _key(None, "Where the tokenised dataset (prepared data, docs/data.md) is kept and reused by every command; default <output_dir>/prepared. A sweep's runs share their base's.", group="cache", lf=None)
     eval_ref_cache_dir: str | None = _key(None, "Reference log-prob cache of eval_dataset; default <ref_cache_dir>_eval (a sibling folder, so each cache stays one Parquet table).", group="cache", lf=None)
     overwrite_cache: bool = _key(False, "precompute: replace an existing cache whose fingerprint differs; every command: tokenise again instead of reusing the prepared data (as LF re-tokenises instead of reusing its cache).", group="cache")
     precompute_ref_batch_size: int = _key(8, "Rows per batch in precompute (each row is a chosen and a rejected sequence).", group="cache", min=1, lf=None)

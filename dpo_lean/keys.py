@@ -1,6 +1,6 @@
 """The key reference: every config key, and what dpo-lean does with each LLaMA-Factory key.
 
-``dpo-lean keys`` prints it and README's configuration reference is generated from it (tools/gen_readme_keys.py),
+``dpo-lean keys`` prints it and docs/configuration.md is generated from it (tools/gen_config_reference.py),
 so neither can drift from :mod:`dpo_lean.config` and :mod:`dpo_lean.lf_keys`.
 """
 

@@ -142,7 +142,7 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     **_refuse("only the main process saves", save_on_each_node=False),
     **_refuse("checkpoints are saved every save_steps and on Ctrl-C", enable_jit_checkpoint=False),
     **_refuse("callback states are not restored on resume", restore_callback_states_from_checkpoint=False),
-    **_refuse("determinism: same seed, same results on CPU (see README)", full_determinism=False),
+    **_refuse("determinism: same seed, same results on CPU (see docs/reliability.md)", full_determinism=False),
     **_refuse("transformers' debug modes are not wired in", debug=""),
     # --- LLaMA-Factory v1 configs (examples/v1)
     **{k: ((_ANY,), f"{_V1}: {hint}") for k, hint in {

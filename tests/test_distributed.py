@@ -1,6 +1,6 @@
 """Data-parallel train and precompute under torchrun and accelerate launch: 2 CPU processes (gloo).
 
-These are the README's multi-GPU commands with the GPU specifics swapped (2 processes, --multi_gpu on CPU
+These are docs/multi-gpu.md's commands with the GPU specifics swapped (2 processes, --multi_gpu on CPU
 falls back to gloo): a 2-process run equals a 1-process run with the same global batch, and a
 2-process (or 2-node) precompute equals a 1-process one.
 """

@@ -6,7 +6,7 @@ and wrote fixtures/lf_parity/lf_ids.json.gz. LF cannot be imported here (it pins
 so instead of rebuilding the fixture, test_fixture_is_from_the_committed_inputs checks that it records
 LF's version and was made from the committed rows, tokenizer, configs and dpo-lean's template list.
 keep_end and keep_start are dpo-lean's modes, not LF's: their expected lengths were computed by the
-script from LF's untruncated ids and the rules in the README.
+script from LF's untruncated ids and the rules in docs/data.md (Truncation).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def expected_cut(full, kept, mode):
 @pytest.mark.parametrize("mode", ["llamafactory", "keep_end", "keep_start"])
 @pytest.mark.parametrize("case", sorted(LF["cases"]))
 def test_truncated_ids_equal_llamafactory(case, mode):
-    """At the short cutoff_len: llamafactory keeps exactly what LF keeps; keep_end/keep_start their README rule."""
+    """At the short cutoff_len: llamafactory keeps exactly what LF keeps; keep_end/keep_start their rule in docs/data.md."""
     expected = LF["cases"][case]
     _, _, rows = ours(case)
     for row, full, kept in zip(rows, expected["rows"], expected["cut"][mode], strict=True):

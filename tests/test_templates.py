@@ -92,17 +92,17 @@ def test_fingerprint_covers_the_template_definition(tiny_tokenizer):
     assert len(set(digests.values())) == len(digests)
 
 
-def test_readme_lists_every_template_and_which_are_multimodal():
+def test_data_page_lists_every_template_and_which_are_multimodal():
     import re
 
     from conftest import ROOT
 
     from dpo_lean.data.template_table import LF_TEMPLATES
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    text = re.search(r"^Text templates \((\d+)\): (.*)\.$", readme, re.M)
+    page = (ROOT / "docs" / "data.md").read_text(encoding="utf-8")
+    text = re.search(r"^Text templates \((\d+)\): (.*)\.$", page, re.M)
     multimodal = re.search(r"^Templates LLaMA-Factory ties to an image, video or audio processor \((\d+)\), "
-                           r"supported in their text form: (.*)\.$", readme, re.M)
+                           r"supported in their text form: (.*)\.$", page, re.M)
     for match, wanted in ((text, False), (multimodal, True)):
         names = re.findall(r"`([^`]+)`", match.group(2))
         assert sorted(names) == sorted(n for n, t in LF_TEMPLATES.items() if bool(t.processor) == wanted)

@@ -229,7 +229,7 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
 
 
 def dpo_lean_cuts(p: int, c: int, r: int, cutoff: int) -> dict:
-    """Lengths dpo-lean's README rules keep: keep_end [prompt tokens kept from its end, completion tokens];
+    """Lengths dpo-lean's rules (docs/data.md, Truncation) keep: keep_end [prompt tokens kept from its end, completion tokens];
     keep_start [completion tokens] or None where the prompt alone fills cutoff_len (the row is skipped)."""
     longest = max(c, r)
     if p + longest <= cutoff:

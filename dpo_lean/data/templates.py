@@ -42,7 +42,7 @@ def check_template_name(name: str) -> None:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         shown = repr(name) if len(name) <= 80 else repr(name[:60]) + f"... ({len(name)} characters)"
         raise DpoLeanError(f"config key 'template': {shown} is not supported; use auto (the tokenizer's own), "
-                           f"plain, or one of LLaMA-Factory 0.9.5's template names (README, Templates){hint}")
+                           f"plain, or one of LLaMA-Factory 0.9.5's template names (docs/data.md, Templates){hint}")
 
 
 def template_for(config, tokenizer) -> str | Template:
