@@ -176,11 +176,21 @@ def adapter_fingerprint(name_or_path: str, revision: str = "main", cache_dir: st
     return _content(folder, config_file, weights)
 
 
+# Text the tokenizer digest encodes: words, case, digits, whitespace runs, code, accents, CJK, emoji, markup.
+TOKENIZER_PROBE = ("The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! 0 7 42 2024 3.14159 1,000,000\n"
+                   "  two  spaces\tand a tab\n\n\ndef f(x):\n    return {'k': [x, None]}  # code\n"
+                   "naïve café Ünïcödé straße — ‘quotes’ “too” … 日本語のテキスト 中文 한국어 😀👍🏽 <b>html</b> &amp;")
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
-    return sha256_bytes((body + specials).encode())
+    """What the tokenizer does, not how a library writes it down: its vocabulary (added tokens included), its special
+    tokens and the ids it gives a probe text, with and without special tokens. A tokenizers or transformers release
+    that serialises the same tokenizer differently leaves caches valid; one that tokenises differently changes the
+    probe's ids (and each cached row is checked against its own ids, ids_sha256, in any case)."""
+    body = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0])),
+            "specials": tokenizer.special_tokens_map,
+            "probe": [tokenizer(TOKENIZER_PROBE, add_special_tokens=a)["input_ids"] for a in (False, True)]}
+    return sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())
 
 
 def runtime_info(config) -> dict:

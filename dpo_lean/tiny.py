@@ -92,8 +92,7 @@ def build_tokenizer(vocab_size: int = 1024):
 
 def build_model(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
                 intermediate_size: int | None = None, max_positions: int = 4096):
-    """A Qwen2 causal LM with random weights (seeded)."""
-    import torch
+    """A Qwen2 causal LM with random weights (seeded, the same on every machine and release: fill_stable_weights)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -101,8 +100,26 @@ def build_model(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, see
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=max_positions, tie_word_embeddings=False, attention_dropout=0.0,
         pad_token_id=0, bos_token_id=None, eos_token_id=2)
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config)
+    fill_stable_weights(model, seed, std=config.initializer_range)
+    return model
+
+
+def fill_stable_weights(model, seed: int, std: float) -> None:
+    """Every weight matrix uniform with standard deviation ``std``, norms 1, biases 0, drawn from numpy's legacy
+    ``RandomState``, whose stream numpy keeps bit for bit across releases and machines (integer arithmetic only).
+    torch's generator and transformers' initialisers may change between releases; committed fixtures must not."""
+    import numpy as np
+    import torch
+
+    rng, half_width = np.random.RandomState(seed), std * 3**0.5
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if p.dim() == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+            else:
+                values = rng.uniform(-half_width, half_width, size=tuple(p.shape))
+                p.copy_(torch.from_numpy(values.astype(np.float32)))
 
 
 def write_tiny_model(directory: str | Path, vocab_size: int | None = None, hidden_size: int = 64,

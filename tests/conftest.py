@@ -23,6 +23,28 @@ os.environ.setdefault("DPO_LEAN_CACHE_HOME", tempfile.mkdtemp(prefix="dpo_lean_m
 from make_fixtures import fixture_config  # noqa: E402
 
 
+def _fixture_files() -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(FIXTURES)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(FIXTURES.rglob("*")) if p.is_file()}
+
+
+def pytest_sessionstart(session):
+    session.config._fixture_files = _fixture_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests read the committed fixtures and never write there (a write would leave the checkout dirty and the
+    next run testing something else): a changed, added or removed file fails the run, naming it."""
+    before, after = getattr(session.config, "_fixture_files", None), _fixture_files()
+    if before is None or before == after:
+        return
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"tests changed files under tests/fixtures (write to tmp_path instead): {changed[:5]}", red=True)
+    session.exitstatus = 1
+
+
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.cuda`` tests skip, with one reason, where there is no CUDA GPU."""
     import torch

@@ -97,13 +97,18 @@ def test_hub_revision_name_commit_sha_and_snapshot_folder_are_one_identity(tmp_p
     assert [d.split(":")[0] for d in diffs] == ["model.commit", "model.config_sha256"]
 
 
-def test_library_versions_and_attention_kernel_are_recorded_not_compared(tiny_config):
+def test_library_versions_and_attention_kernel_are_recorded_not_compared(tiny_config, tmp_path):
+    """A cache written here records the running versions (the committed fixture cache records whatever built it)."""
     from importlib.metadata import version
 
     import torch
     import transformers
 
-    manifest = cache.read_manifest(tiny_config().resolved_ref_cache_dir)
+    from dpo_lean.precompute import run_precompute
+
+    config = tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "written_here"), max_samples=4)
+    run_precompute(config)
+    manifest = cache.read_manifest(config.resolved_ref_cache_dir)
     runtime = manifest["fingerprint"]["runtime"]
     assert runtime["torch"] == torch.__version__ and runtime["transformers"] == transformers.__version__
     assert runtime["peft"] == version("peft") and runtime["bitsandbytes"] == version("bitsandbytes")
@@ -112,6 +117,32 @@ def test_library_versions_and_attention_kernel_are_recorded_not_compared(tiny_co
     other["runtime"] = {"torch": "1.0", "transformers": "4.0", "peft": None, "bitsandbytes": None, "flash_attn": "fa2"}
     assert fingerprint_diff(manifest["fingerprint"], other) == []
     assert fingerprint_digest(other) == manifest["fingerprint_sha256"]
+
+
+def test_the_tokenizer_digest_is_what_it_does_not_how_a_library_writes_it(monkeypatch):
+    """Before: the digest hashed the backend's serialisation (backend_tokenizer.to_str()), so a tokenizers release
+    that wrote the same tokenizer another way refused every cache made before it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(FIXTURES / "tiny-model")
+    before = fingerprint.tokenizer_fingerprint(tok)
+    real = type(tok).backend_tokenizer
+
+    class WrittenAnotherWay:
+        def __init__(self, backend):
+            self.backend = backend
+
+        def to_str(self, *args, **kwargs):
+            return json.dumps({"format": "next release", **json.loads(self.backend.to_str(*args, **kwargs))}, indent=1)
+
+        def __getattr__(self, name):
+            return getattr(self.backend, name)
+
+    monkeypatch.setattr(type(tok), "backend_tokenizer", property(lambda self: WrittenAnotherWay(real.fget(self))))
+    assert fingerprint.tokenizer_fingerprint(tok) == before
+    monkeypatch.undo()
+    tok.add_tokens(["<new_token>"])  # one more token: another tokenizer
+    assert fingerprint.tokenizer_fingerprint(tok) != before
 
 
 def test_cache_info_says_what_is_compared_and_what_is_information(tiny_config):

@@ -26,9 +26,8 @@ def fixture_config(root: Path) -> dict:
     }
 
 
-def build(out: Path) -> None:
-    from dpo_lean.config import from_dict
-    from dpo_lean.precompute import run_precompute
+def build_inputs(out: Path) -> None:
+    """The tiny model and the demo data."""
     from dpo_lean.tiny import write_demo_dataset, write_tiny_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -36,9 +35,21 @@ def build(out: Path) -> None:
         shutil.rmtree(out / sub, ignore_errors=True)
     write_tiny_model(out / "tiny-model")
     write_demo_dataset(out / "demo", n=DEMO_ROWS, seed=1)
-    run_precompute(from_dict(fixture_config(out)))
-    shutil.rmtree(out / "demo" / "output", ignore_errors=True)  # only skip reports would be there
-    (out / "demo" / "ref_cache" / "_lock").unlink(missing_ok=True)
+
+
+def build_cache(inputs: Path, cache_dir: Path, work_dir: Path) -> None:
+    """The reference cache of ``inputs``' model and data, written to ``cache_dir`` (prepared data in ``work_dir``)."""
+    from dpo_lean.config import from_dict
+    from dpo_lean.precompute import run_precompute
+
+    run_precompute(from_dict({**fixture_config(inputs), "ref_cache_dir": str(cache_dir), "output_dir": str(work_dir)}))
+    (cache_dir / "_lock").unlink(missing_ok=True)
+
+
+def build(out: Path) -> None:
+    build_inputs(out)
+    build_cache(out, out / "demo" / "ref_cache", out / "demo" / "output")
+    shutil.rmtree(out / "demo" / "output", ignore_errors=True)  # prepared data and skip reports: not fixtures
 
 
 if __name__ == "__main__":
