@@ -14,6 +14,10 @@ Rows are identified by their content ``id``: a dataset with rows added keeps eve
 only the new ones; rows no longer in the dataset stay, unused. Every part carries the fingerprint in its
 key-value metadata. Rows are planned into parts deterministically, so a rerun recomputes exactly the missing
 parts with the same batches, and the final cache equals an uninterrupted run's.
+
+The four log-prob columns are float64: each the float64 sum precompute computed, stored as it is. A cache of the
+format before (FLOAT32_FORMAT, its sums accumulated and stored in float32) is still read, as float64, with a
+one-line notice; precompute adds no rows to it (overwrite_cache=true rebuilds it).
 """
 
 from __future__ import annotations
@@ -35,14 +39,23 @@ MANIFEST = "_manifest.json"
 EXPECTED = "_expected.parquet"
 META_FINGERPRINT = b"dpo_lean.fingerprint"
 META_DIGEST = b"dpo_lean.fingerprint_sha256"
-SCHEMA = pa.schema([
-    ("row_index", pa.int64()), ("id", pa.string()),
-    ("ref_chosen_logps", pa.float32()), ("ref_rejected_logps", pa.float32()),
-    # the sum over the completion's tokens past the pair's shorter completion (0 for the shorter one): LD-DPO
-    ("ref_chosen_tail_logps", pa.float32()), ("ref_rejected_tail_logps", pa.float32()),
-    ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32()), ("prompt_tokens", pa.int32()),
-    ("ids_sha256", pa.string()),  # of the prompt, chosen and rejected token ids (after truncation): ids_digest
-])
+
+
+def _schema(logps: pa.DataType) -> pa.Schema:
+    return pa.schema([
+        ("row_index", pa.int64()), ("id", pa.string()),
+        ("ref_chosen_logps", logps), ("ref_rejected_logps", logps),
+        # the sum over the completion's tokens past the pair's shorter completion (0 for the shorter one): LD-DPO
+        ("ref_chosen_tail_logps", logps), ("ref_rejected_tail_logps", logps),
+        ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32()), ("prompt_tokens", pa.int32()),
+        ("ids_sha256", pa.string()),  # of the prompt, chosen and rejected token ids (after truncation): ids_digest
+    ])
+
+
+# The log-prob columns hold the float64 sums precompute computed (logprobs._segment_sums), never rounded to float32.
+SCHEMA = _schema(pa.float64())
+FLOAT32_FORMAT = 3  # the format before: the same columns, the sums accumulated and stored in float32
+READABLE = {FORMAT_VERSION: SCHEMA, FLOAT32_FORMAT: _schema(pa.float32())}  # format -> its parts' schema
 EXPECTED_SCHEMA = pa.schema([("id", pa.string()), ("row_index", pa.int64())])
 REBUILD = "rerun `dpo-lean precompute CONFIG.yaml overwrite_cache=true` to rebuild it"
 
@@ -53,11 +66,20 @@ def ids_digest(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[
     return sha256_bytes(text.encode())[:32]
 
 
-def check_format(cache_dir: Path, manifest: dict) -> None:
+def check_format(cache_dir: Path, manifest: dict) -> int:
+    """The cache's format version, if this dpo-lean reads it (FORMAT_VERSION, or FLOAT32_FORMAT with a notice)."""
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise DpoLeanError(f"cache {cache_dir} has format {version}, this dpo-lean reads format {FORMAT_VERSION} "
-                           f"(per-row ids hashes, rows matched by id); {REBUILD}")
+    if version not in READABLE:
+        raise DpoLeanError(f"cache {cache_dir} has format {version}, this dpo-lean reads formats {FLOAT32_FORMAT} "
+                           f"and {FORMAT_VERSION} (per-row ids hashes, rows matched by id); {REBUILD}")
+    return version
+
+
+def float32_notice(cache_dir: Path) -> str:
+    """The one line a reader of a FLOAT32_FORMAT cache prints."""
+    return (f"notice: cache {cache_dir} has format {FLOAT32_FORMAT}: its reference log-probs were summed in float32 "
+            "(off by about 1e-6 of a sum: 0.01 nats on 2,000 tokens) and are used as they are; `dpo-lean precompute "
+            "CONFIG.yaml overwrite_cache=true` recomputes them as float64 sums")
 
 
 # ---------------------------------------------------------------- writing
@@ -91,7 +113,10 @@ def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[str, int
         if manifest is not None and (manifest.get("format_version") != FORMAT_VERSION
                                      or manifest.get("fingerprint_sha256") != fingerprint_digest(fingerprint)):
             if manifest.get("format_version") != FORMAT_VERSION and not overwrite:
-                check_format(cache_dir, manifest)
+                check_format(cache_dir, manifest)  # one it cannot read at all
+                raise DpoLeanError(
+                    f"cache {cache_dir} has format {manifest.get('format_version')}; this dpo-lean adds rows only to a "
+                    f"format {FORMAT_VERSION} cache (log-probs summed in float64); {REBUILD} (every row is recomputed)")
             diffs = fingerprint_diff(manifest.get("fingerprint", {}), fingerprint)
             if not overwrite:
                 raise DpoLeanError(
@@ -203,6 +228,7 @@ class CacheState:
     parts: list[tuple[str, int]]  # (name, rows)
     problems: list[str]  # what makes the cache unusable, one line each
     expected: dict[str, int]  # id -> row_index of the rows of the dataset precompute last ran on
+    format_version: int = FORMAT_VERSION  # FLOAT32_FORMAT: its log-prob columns were float32 (read as float64)
 
     @property
     def cached_expected(self) -> int:
@@ -222,7 +248,7 @@ def scan(cache_dir: Path) -> CacheState:
     manifest = read_manifest(cache_dir)
     if manifest is None:
         raise DpoLeanError(f"{cache_dir} has no {MANIFEST}; it is not a dpo-lean cache (run precompute)")
-    check_format(cache_dir, manifest)
+    version = check_format(cache_dir, manifest)
     digest = manifest.get("fingerprint_sha256")
     if digest != fingerprint_digest(manifest.get("fingerprint", {})):
         raise DpoLeanError(f"{cache_dir / MANIFEST}: its fingerprint does not match its digest (edited?); "
@@ -241,17 +267,25 @@ def scan(cache_dir: Path) -> CacheState:
         if meta.get(META_DIGEST, b"").decode() != digest:
             problems.append(f"{path.name}: belongs to another cache (fingerprint differs)")
             continue
-        if not table.schema.equals(SCHEMA, check_metadata=False):
-            problems.append(f"{path.name}: unexpected columns {table.schema.names}")
+        if not table.schema.equals(READABLE[version], check_metadata=False):
+            problems.append(f"{path.name}: unexpected columns {[f'{f.name} {f.type}' for f in table.schema]}")
             continue
-        tables.append(table)
+        tables.append(table.cast(SCHEMA))  # float32 -> float64 is exact
         parts.append((path.name, table.num_rows))
     duplicated = _parts_with_duplicate_rows(parts, tables)
     problems += [f"{name}: holds rows that another part (or itself) holds too" for name in duplicated]
     kept = [t for (name, _), t in zip(parts, tables) if name not in duplicated]
     parts = [p for p in parts if p[0] not in duplicated]
     table = pa.concat_tables(kept).replace_schema_metadata(None) if kept else SCHEMA.empty_table()
-    return CacheState(manifest, table, parts, problems, expected or {})
+    return CacheState(manifest, table, parts, problems, expected or {}, version)
+
+
+def fingerprint_changes(manifest: dict, fingerprint: dict) -> list[str]:
+    """The compared fingerprint fields in which the cache differs from this run's ``fingerprint``; a readable older
+    format (FLOAT32_FORMAT) is not a difference: its rows are read, with a notice."""
+    version = manifest.get("format_version")
+    current = {**fingerprint, "format_version": version} if version in READABLE else fingerprint
+    return fingerprint_diff(manifest.get("fingerprint", {}), current)
 
 
 def _parts_with_duplicate_rows(parts: list[tuple[str, int]], tables: list[pa.Table]) -> set[str]:

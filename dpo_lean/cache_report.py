@@ -41,6 +41,8 @@ def describe(cache_dir: str | Path) -> tuple[bool, list[str]]:
     state = cache.scan(Path(cache_dir))
     m = state.manifest
     lines = [f"cache: {cache_dir}", *_fingerprint_lines(m.get("fingerprint", {}))]
+    if state.format_version == cache.FLOAT32_FORMAT:
+        lines.append(cache.float32_notice(Path(cache_dir)))
     unused = state.table.num_rows - state.cached_expected
     lines.append(f"rows: {state.cached_expected} of {len(state.expected)} expected, in {len(state.parts)} parts"
                  + (f"; {unused} more cached rows are not in the dataset precompute last ran on (unused)" if unused

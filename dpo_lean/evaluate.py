@@ -70,7 +70,7 @@ def score(config: Config, model, eval_set: scoring.EvalSet, pad_id: int,
             losses, stats = pair_metrics(config, scores, batch, bco_baseline=lambda _: reward_baseline)
         stats["loss"] = losses
         for key, values in stats.items():
-            per_row.setdefault(key, []).append(values.float().cpu())
+            per_row.setdefault(key, []).append(values.double().cpu())
     means = {key: torch.cat(values).mean().item() for key, values in per_row.items()}
     for side in ("chosen", "rejected"):
         means[f"logratios/{side}"] = means[f"rewards/{side}"] / config.pref_beta  # mean of pi - ref

@@ -22,7 +22,8 @@ from .errors import DpoLeanError
 from .storage import atomic_write_text
 
 PREPARED_FORMAT_VERSION = 1  # of the prepared data (data/prepared.py)
-FORMAT_VERSION = 3  # 2: + the tail columns (LD-DPO); 3: + ids_sha256, rows matched by id, whole-file digests
+# 2: + the tail columns (LD-DPO); 3: + ids_sha256, rows matched by id, whole-file digests; 4: log-probs in float64
+FORMAT_VERSION = 4
 INFORMATIONAL_PREFIXES = ("dataset.", "runtime.")
 INFORMATIONAL = {"dpo_lean_version", "model.name_or_path", "model.revision", "reference.model.name_or_path",
                  "reference.model.revision", "reference.adapter_paths"}

@@ -8,6 +8,9 @@ float32 logits buffer allocated once per call. The logits are accumulated and ke
 matmul on (a bf16 or fp16 head's logits are never rounded to its dtype), and log-sum-exp runs in float32.
 Each token's gradient with respect to its hidden state is formed in the forward, while its chunk's logits
 exist, so the backward keeps and recomputes no logits (only a trainable head makes it recompute them).
+Per-token values are float32; each completion's sum is accumulated in float64 and stays float64 (the reference
+cache stores it so, and the losses form policy - reference from it), since a sum over thousands of tokens is
+large and a log-ratio is the small difference of two of them.
 
 Precompute and train both score with :func:`batch_scores` (precompute through :func:`batch_logps`),
 so the reference and the policy are scored by the same code.
@@ -147,13 +150,20 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
 
 def _segment_sums(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
-    return torch.zeros(num_segments, dtype=values.dtype, device=values.device).index_add(0, segment, values)
+    """sum_{i: segment[i] = s} values[i] for each segment s, float64 [num_segments] (values float32 [N]).
+
+    Accumulated in float64: one float32 accumulator over a completion's tokens rounds at every add, an error that
+    grows with the length (about 1e-6 of a 2,000-token sum); in float64 the sum carries only the per-token values'
+    own error. The backward hands ``values`` its float32 gradient, d sum_s / d values[i] = [segment[i] = s].
+    """
+    total = torch.zeros(num_segments, dtype=torch.float64, device=values.device)
+    return total.index_add(0, segment, values.to(torch.float64))
 
 
 def gather_logps(hidden: torch.Tensor, weight: torch.Tensor, score_index: torch.Tensor,
                  score_targets: torch.Tensor, score_segment: torch.Tensor, num_segments: int,
                  bias: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """Summed log-prob per segment, float32 [num_segments].
+    """Summed log-prob per segment, float64 [num_segments] (see _segment_sums).
 
     hidden [rows, T, H]; score_index are flat positions into rows * T whose hidden state predicts
     score_targets; score_segment says which completion each scored token belongs to.
@@ -185,7 +195,7 @@ def log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def completion_scores(token_values: torch.Tensor, batch: dict,
                       token_log_sum_sq: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-completion sums of scored-token log-probs ([chosen..., rejected...], [2B] each):
+    """Per-completion sums of scored-token log-probs ([chosen..., rejected...], [2B] each, float64: _segment_sums):
 
         logps       the sum over the completion's tokens
         tail_logps  the sum over its tokens past the pair's shorter completion (LD-DPO; when the batch has
@@ -222,7 +232,7 @@ def batch_scores(model, batch: dict, chunk_size: int | None = None, wpo: bool = 
 
 
 def batch_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
-    """Summed log-prob of each completion, [2B] (chosen..., rejected...); for a batch with ``score_tail``,
+    """Summed log-prob of each completion, float64 [2B] (chosen..., rejected...); for a batch with ``score_tail``,
     [2B, 2]: the sum and the sum past the pair's shorter completion (what the reference cache stores)."""
     scores = batch_scores(model, batch, chunk_size)
     return torch.stack([scores["logps"], scores["tail_logps"]], dim=1) if "tail_logps" in scores else scores["logps"]

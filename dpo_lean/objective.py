@@ -5,6 +5,11 @@
     WPO (pref_use_weighting):  pair weights from wpo (no gradient)
     losses = preference_loss(pi_w, pi_l, ref_w, ref_l, n_w, n_l, **the config's loss options)
 
+Policy and reference log-probs are float64 sums (logprobs, the cache), and the losses run in their inputs' dtype,
+so pi - ref (and LD-DPO's reweighting) is formed in float64 for every loss: a log-ratio of a few nats is the
+difference of two sums of thousands, where float32 would keep 1e-3 nats of rounding. The per-pair losses leave in
+float32, the Trainer's loss dtype; the metrics stay float64.
+
 Training, its evaluation and `dpo-lean evaluate` all score rows with :func:`pair_metrics`.
 """
 
@@ -43,7 +48,8 @@ def _reference(config: Config, batch: dict) -> tuple[torch.Tensor | None, torch.
 def pair_metrics(config: Config, scores: dict[str, torch.Tensor], batch: dict,
                  bco_baseline: Callable[[torch.Tensor], float | torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses [B] and TRL's per-pair metrics from the policy's ``scores`` (logprobs.completion_scores).
+    """Per-pair losses, float32 [B], and TRL's per-pair metrics (float64) from the policy's ``scores``
+    (logprobs.completion_scores), computed in float64 (see the module docstring).
 
     ``bco_baseline``: called with the batch's mean reward (pref_bco_weight), returns the BCO term's delta.
     Reference-free runs (orpo, simpo, alone or with sft) log rewards and ``logps/*`` of length-averaged log-probs, as LF.
@@ -67,7 +73,7 @@ def pair_metrics(config: Config, scores: dict[str, torch.Tensor], batch: dict,
         stats["logps/chosen"], stats["logps/rejected"] = pi_w.detach(), pi_l.detach()
     else:
         stats["logps/chosen"], stats["logps/rejected"] = (pi_w / n_w).detach(), (pi_l / n_l).detach()
-    return losses, stats
+    return losses.float(), stats
 
 
 class RewardBaseline(TrainerCallback, ExportableState):

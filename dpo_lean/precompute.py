@@ -161,6 +161,8 @@ def run_precompute(config: Config) -> dict:
         click.echo(f"precompute: {len(data.rows) - len(rows)} rows repeat another row's content (same id); "
                    f"{len(rows)} distinct rows, each cached once and used by all its copies")
     ids = rows.ids
+    if not config.overwrite_cache and (kept := _kept_float32_cache(cache_dir, fingerprint, rows)):
+        return kept
     cache.open_for_writing(cache_dir, fingerprint, dict(zip(ids, rows.column("row_index").tolist())),
                            config.overwrite_cache)
     done = _usable_rows(cache_dir, rows)
@@ -200,6 +202,28 @@ def run_precompute(config: Config) -> dict:
     return _finish(cache_dir, {"rows": n_rows, "tokens": progress.tokens, "seconds": round(seconds, 3),
                                "shard": f"{shard_index}/{num_shards}", "device": str(dev),
                                "peak_memory_gb": round(peak_memory_gb(dev), 3)})
+
+
+def _kept_float32_cache(cache_dir, fingerprint: dict, rows: PreparedRows) -> dict | None:
+    """When ``cache_dir`` is a cache of the format before (float32 sums) built for this run that holds every one of
+    ``rows``: it is kept as it is, as train reads it (recomputing it all would cost a full precompute unasked), with
+    its notice; returns the run's summary. Else None (one that lacks rows is refused by cache.open_for_writing:
+    parts of two formats do not mix)."""
+    try:
+        manifest = cache.read_manifest(cache_dir)
+        if not isinstance(manifest, dict) or manifest.get("format_version") != cache.FLOAT32_FORMAT:
+            return None
+        state = cache.scan(cache_dir)
+    except DpoLeanError:  # damaged: open_for_writing says what to do
+        return None
+    cached = set(state.table.column("id").to_pylist())
+    damaged = [p for p in state.problems if not p.startswith(cache.EXPECTED)]  # as train reads it
+    if (cache.fingerprint_changes(state.manifest, fingerprint) or damaged or not cached.issuperset(rows.ids)
+            or _changed_ids(state, rows)):
+        return None
+    click.echo(cache.float32_notice(cache_dir))
+    click.echo(f"cache {cache_dir}: nothing to compute; all {len(rows)} rows are cached")
+    return {"rows": 0, "tokens": 0, "seconds": 0.0, "complete": True, "cached_rows": len(rows)}
 
 
 def _usable_rows(cache_dir, rows: PreparedRows) -> set[str]:

@@ -19,7 +19,7 @@ from .config import Config, require
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.prepared import PreparedRows
 from .errors import DpoLeanError
-from .fingerprint import build_fingerprint, fingerprint_diff
+from .fingerprint import build_fingerprint
 from .layout import Sharing, collate
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps", "ref_rejected_tail_logps")
@@ -33,8 +33,10 @@ def load_reference(config: Config, fingerprint: dict, rows: PreparedRows,
     if not (Path(cache_dir) / cache.MANIFEST).exists():
         raise DpoLeanError(f"no reference cache at {cache_dir}; run `dpo-lean precompute CONFIG.yaml` first "
                            "(or set ref_cache_dir)")
-    state = cache.scan(cache_dir)  # refuses an older format in one line
-    diffs = fingerprint_diff(state.manifest["fingerprint"], fingerprint)
+    state = cache.scan(cache_dir)  # refuses a format it cannot read in one line
+    if state.format_version == cache.FLOAT32_FORMAT:
+        launch.say(cache.float32_notice(cache_dir))
+    diffs = cache.fingerprint_changes(state.manifest, fingerprint)
     if diffs:
         raise DpoLeanError(f"cache {cache_dir} does not match this run: {'; '.join(diffs)}; "
                            f"rebuild it with `dpo-lean precompute CONFIG.yaml overwrite_cache=true`")
@@ -105,7 +107,7 @@ class PairCollator:
         batch = collate(*ids, self.pad_id, self.sharing, tails=self.tails)
         for name in REF_COLUMNS:
             if name in features[0]:
-                batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float32)
+                batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float64)  # as cached
         batch["chosen_tokens"] = torch.tensor([len(f["chosen_ids"]) for f in features], dtype=torch.float32)
         batch["rejected_tokens"] = torch.tensor([len(f["rejected_ids"]) for f in features], dtype=torch.float32)
         batch["row_index"] = torch.tensor([f["row_index"] for f in features], dtype=torch.long)

@@ -90,7 +90,7 @@ class DPOLeanTrainer(Trainer):
         """Keep every row's metrics (all ranks gathered, duplicates dropped); log averages over rows."""
         mode = "train" if training else "eval"
         for key, values in stats.items():
-            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(values).float().cpu())
+            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(values).double().cpu())
         if training:
             tokens = int(self.accelerator.gather_for_metrics(torch.tensor([num_tokens], device=self.args.device)).sum())
             self._tokens_since_log += tokens

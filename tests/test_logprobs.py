@@ -53,7 +53,7 @@ def test_gather_logps_sums_the_scored_tokens_only():
     # sequence [2, 0, 1, 2], tokens 2 and 3 the completion: token 2 (id 1) is predicted by position 1,
     # logits [1, 0, 0]; token 3 (id 2) by position 2, logits [0, 2, 0]
     e = torch.e
-    expected = (torch.log(torch.tensor(1 / (e + 2))) + torch.log(torch.tensor(1 / (2 + e**2))))
+    expected = torch.log(torch.tensor(1 / (e + 2), dtype=torch.float64)) + torch.log(torch.tensor(1 / (2 + e**2), dtype=torch.float64))
     out = gather_logps(hidden, weight, score_index=torch.tensor([1, 2]), score_targets=torch.tensor([1, 2]),
                        score_segment=torch.tensor([0, 0]), num_segments=1)
     torch.testing.assert_close(out, expected.reshape(1), rtol=0, atol=1e-6)
@@ -73,7 +73,7 @@ def test_model_logps_equal_naive_full_logits(tiny_config):
         modeling.defer_output_head(model)
         assert model.get_output_embeddings().head is head
         ours = batch_logps(model, batch, chunk_size=3)
-    torch.testing.assert_close(ours, naive, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours, naive.double(), rtol=0, atol=1e-4)
 
 
 def test_policy_gradients_equal_naive_path(tiny_config):
@@ -95,7 +95,7 @@ def test_policy_gradients_equal_naive_path(tiny_config):
     logp = torch.log_softmax(logits, -1)[:, :-1].gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
     naive = (logp * batch["completion_mask"][:, 1:]).sum()
     g_naive = torch.autograd.grad(naive, lora)
-    torch.testing.assert_close(ours, naive, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours, naive.double(), rtol=0, atol=1e-4)
     for a, b in zip(g_ours, g_naive):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 

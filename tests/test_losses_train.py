@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pytest
 from conftest import FIXTURES
 
-from dpo_lean import cache, modeling, scoring, train
+from dpo_lean import cache, cache_report, modeling, scoring, train
 from dpo_lean.errors import DpoLeanError
 from dpo_lean.fingerprint import fingerprint_digest
 
@@ -184,7 +184,9 @@ def test_ld_alpha_trains_on_the_tail_columns(ld_config):
 
 
 def _as_old_format(cache_dir, version: int, drop: list[str]):
-    """Rewrite a cache as an older dpo-lean wrote it: without the columns that came later, that format_version."""
+    """Rewrite a cache as an older dpo-lean wrote it: without the columns that came later, its log-probs in float32
+    (before format 4), that format_version."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     manifest = json.loads((cache_dir / cache.MANIFEST).read_text())
@@ -192,10 +194,13 @@ def _as_old_format(cache_dir, version: int, drop: list[str]):
     manifest["fingerprint_sha256"] = digest = fingerprint_digest(manifest["fingerprint"])
     for part in cache_dir.glob("part-*.parquet"):
         table = pq.read_table(part).drop_columns(drop)
-        pq.write_table(table.replace_schema_metadata({cache.META_FINGERPRINT: json.dumps(manifest["fingerprint"]),
-                                                      cache.META_DIGEST: digest}), part)
+        schema = pa.schema([pa.field(f.name, pa.float32()) if f.type == pa.float64() else f for f in table.schema])
+        table = table.cast(schema).replace_schema_metadata({cache.META_FINGERPRINT: json.dumps(manifest["fingerprint"]),
+                                                            cache.META_DIGEST: digest})
+        pq.write_table(table, part)
     (cache_dir / cache.MANIFEST).write_text(json.dumps(manifest))
-    (cache_dir / cache.EXPECTED).unlink()
+    if version < 3:  # _expected.parquet came with format 3
+        (cache_dir / cache.EXPECTED).unlink()
 
 
 @pytest.mark.parametrize("version, drop", [(1, ["ref_chosen_tail_logps", "ref_rejected_tail_logps", "ids_sha256"]),
@@ -212,7 +217,45 @@ def test_an_older_format_cache_is_refused_with_the_rebuild_command(version, drop
     for command in (scoring.prepare_run, run_precompute):  # train, and precompute without overwrite_cache
         with pytest.raises(DpoLeanError) as err:
             command(config)
-        assert f"has format {version}, this dpo-lean reads format 3" in str(err.value)
+        assert f"has format {version}, this dpo-lean reads formats 3 and 4" in str(err.value)
         assert "`dpo-lean precompute CONFIG.yaml overwrite_cache=true`" in str(err.value) and "\n" not in str(err.value)
     run_precompute(dataclasses.replace(config, overwrite_cache=True))  # the command it names rebuilds it
     assert len(scoring.prepare_run(config)[3]) == len(LD_ROWS)
+
+
+def test_a_float32_cache_is_read_with_a_notice_and_precompute_adds_no_rows_to_it(ld_config, tmp_path, capsys):
+    """The format before float64 sums (3): train reads its float32 values as they are after one `notice:` line
+    (recomputing a large cache is the user's call, and its sums are off by 1e-6 of themselves at most); precompute
+    computes nothing when it holds every row, refuses to add rows to it (parts of two formats do not mix), and
+    rebuilds it, float64, when told."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from dpo_lean.precompute import run_precompute
+
+    old = tmp_path / "old_cache"
+    shutil.copytree(ld_config.resolved_ref_cache_dir, old)
+    _as_old_format(old, 3, [])
+    config = dataclasses.replace(ld_config, ref_cache_dir=str(old))
+    stored = {r["id"]: r for r in pads.dataset(old, format="parquet").to_table().to_pylist()}
+    capsys.readouterr()
+    ref = scoring.prepare_run(config)[3]
+    notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("notice:")]
+    assert len(notices) == 1 and "format 3" in notices[0] and "overwrite_cache=true" in notices[0], notices
+    assert ref == {i: tuple(stored[i][c] for c in scoring.REF_COLUMNS) for i in stored}  # the float32 values
+    assert notices[0] in cache_report.describe(old)[1]  # cache-info says it too
+
+    files = {p.name: p.read_bytes() for p in old.iterdir()}
+    summary = run_precompute(config)
+    assert summary["rows"] == 0 and summary["complete"] and "notice:" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == files  # nothing rewritten
+    next(old.glob("part-*.parquet")).unlink()  # now it lacks rows
+    with pytest.raises(DpoLeanError) as err:
+        run_precompute(config)
+    assert "has format 3" in str(err.value) and "overwrite_cache=true" in str(err.value) and "\n" not in str(err.value)
+
+    run_precompute(dataclasses.replace(config, overwrite_cache=True))
+    state = cache.scan(old)
+    assert state.format_version == cache.FORMAT_VERSION and len(state.table) == len(LD_ROWS)
+    assert all(pq.read_schema(p).field("ref_chosen_logps").type == "double" for p in old.glob("part-*.parquet"))

@@ -6,6 +6,7 @@
     python tools/bench data        [--sizes 1200 12000] [--with-60k] [--source ../shared/data]   (data.py)
     python tools/bench real-shapes [--shapes Qwen2.5-0.5B Qwen2.5-1.5B] [--shape-steps 2]  (shapes.py)
     python tools/bench all --real-shapes   # both tables, then the real-shape rows
+    python tools/bench sums        [--sums-rows 16] [--sums-trl] [--source ../shared/data]   (sums.py)
     python tools/bench train --model Qwen/Qwen2.5-0.5B-Instruct   # any hub or local model (on a GPU)
 
 Every contender runs in its own fresh process on the same model, the same rows, batch size, sequence cap,
@@ -50,5 +51,7 @@ The package, one job a module:
     shapes.py       `real-shapes`: the train and precompute rows at Qwen2.5-0.5B/1.5B shapes
     scale.py        `scale`: precompute then train on 60,000 generated rows, counting tokenisations
     phases.py       `phases`: one train step's RSS phase by phase at a real shape, under both allocator settings
+    sums.py         `sums`: each completion's summed log-prob (per-token sums, the cache in both layouts, the tail
+                    sums, TRL's precompute) against a float64 forward summed in float64
 Memory is measured with dpo_lean/measure.py, the code the run summaries use.
 """
