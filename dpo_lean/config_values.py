@@ -86,15 +86,14 @@ def check_rules(name: str, value: Any, meta: dict) -> None:
         raise DpoLeanError(f"config key '{name}': {shown(value)} is not supported; choose one of: {listed}")
     if isinstance(value, str) and "\x00" in value:
         raise DpoLeanError(f"config key '{name}': {shown(value)} contains a NUL byte; remove it")
-    if isinstance(value, float) and math.isinf(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise DpoLeanError(f"config key '{name}': {shown(value)} is not allowed; use a finite number")
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    lo, hi = meta["min"], meta["max"]
-    nan = isinstance(value, float) and math.isnan(value)
-    if lo is not None and (nan or value < lo or (meta["min_exclusive"] and value == lo)):
+    lo, hi = meta["min"], meta["max"]  # value is finite here (NaN compares False with every bound)
+    if lo is not None and (value < lo or (meta["min_exclusive"] and value == lo)):
         bound = f"> {lo}" if meta["min_exclusive"] else f">= {lo}"
         raise DpoLeanError(f"config key '{name}': {shown(value)} is out of range; it must be {bound}")
-    if hi is not None and (nan or value > hi or (meta["max_exclusive"] and value == hi)):
+    if hi is not None and (value > hi or (meta["max_exclusive"] and value == hi)):
         bound = f"< {hi}" if meta["max_exclusive"] else f"<= {hi}"
         raise DpoLeanError(f"config key '{name}': {shown(value)} is out of range; it must be {bound}")
