@@ -20,7 +20,8 @@ def types_of(hint) -> tuple[type, ...]:
 
 
 def describe(types_: tuple[type, ...]) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+             dict: "a mapping ({name: value}) or its JSON text"}
     return " or ".join(names[t] for t in types_)
 
 
@@ -58,7 +59,12 @@ def coerce(name: str, value: Any, allowed: tuple[type, ...], meta: dict) -> Any:
             return value
         if int in allowed and value.is_integer():
             return int(value)
+    elif isinstance(value, dict):
+        if dict in allowed and all(isinstance(k, str) for k in value):
+            return dict(value)
     elif isinstance(value, str):
+        if dict in allowed and value.lstrip().startswith("{"):
+            return _json_mapping(name, value)  # '{"min_lr_rate": 0.1}', as transformers' TrainingArguments reads it
         if bool in allowed and value.lower() in ("true", "false"):  # prefix_sharing=true on the command line
             return value.lower() == "true"
         if str in allowed:
@@ -76,6 +82,19 @@ def coerce(name: str, value: Any, allowed: tuple[type, ...], meta: dict) -> Any:
           and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
         return ",".join(map(str, value))  # pref_loss_weights: [0.8, 0.2, 1.0]
     raise DpoLeanError(f"config key '{name}': {shown(value)} is not allowed; expected {describe(allowed)}")
+
+
+def _json_mapping(name: str, text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise DpoLeanError(f"config key '{name}': {shown(text)} is not valid JSON ({str(e).splitlines()[0]}); write "
+                           "a mapping such as {\"min_lr_rate\": 0.1}") from None
+    if not isinstance(value, dict):
+        raise DpoLeanError(f"config key '{name}': {shown(text)} is not a mapping; write one such as {{\"min_lr_rate\": 0.1}}")
+    return value
 
 
 def check_rules(name: str, value: Any, meta: dict) -> None:

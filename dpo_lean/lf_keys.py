@@ -133,7 +133,6 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     **_refuse("set per_device_train_batch_size yourself", auto_find_batch_size=False),
     **_refuse("dpo-lean does not empty the CUDA cache between steps", torch_empty_cache_steps=None),
     **_refuse("the model runs without a KV cache in training", use_cache=False),
-    **_refuse("the learning-rate schedule takes no extra arguments", lr_scheduler_kwargs=None),
     **_refuse("set CUDA_VISIBLE_DEVICES= to run on the CPU", use_cpu=False),
     **_refuse("dpo-lean keeps every batch (a short last batch included)", dataloader_drop_last=False),
     **_refuse("the data loader runs with transformers' defaults", dataloader_pin_memory=True,
