@@ -26,7 +26,7 @@ from .errors import DpoLeanError, Interrupted
 from .fingerprint import build_fingerprint
 from .layout import Sharing, collate, describe_layout, prefix_sharing
 from .logprobs import batch_logps
-from .measure import peak_memory_gb
+from .measure import memory_metrics
 
 
 def plan_parts(rows: PreparedRows, batch_size: int, part_rows: int) -> list[list[np.ndarray]]:
@@ -237,7 +237,7 @@ def run_precompute(config: Config) -> dict:
     seconds = time.perf_counter() - t0
     return _finish(cache_dir, {"rows": n_rows, "tokens": progress.tokens, "seconds": round(seconds, 3),
                                "shard": f"{shard_index}/{num_shards}", "device": str(dev),
-                               "peak_memory_gb": round(peak_memory_gb(dev), 3)})
+                               **memory_metrics(dev)})
 
 
 def _usable_rows(cache_dir, rows: PreparedRows) -> set[str]:
@@ -277,7 +277,9 @@ def _finish(cache_dir, summary: dict) -> dict:
         summary["finished"] = cache._now()
         cache.record_run(cache_dir, summary)
         click.echo(f"precompute: {summary['rows']} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f} s "
-                   f"({summary['tokens_per_second']:,.0f} tokens/s), peak memory {summary['peak_memory_gb']:.2f} GB")
+                   f"({summary['tokens_per_second']:,.0f} tokens/s), peak memory {summary['peak_memory_gb']:.2f} GB"
+                   + (f" ({summary['peak_memory_reserved_gb']:.2f} GB reserved)" if "peak_memory_reserved_gb" in summary
+                      else ""))
     state = cache.scan(cache_dir)
     status = "complete" if state.complete else f"{state.cached_expected} of {len(state.expected)} rows so far"
     unused = state.table.num_rows - state.cached_expected

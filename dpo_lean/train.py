@@ -24,7 +24,7 @@ from .data.pipeline import skip_summary, write_skip_report
 from .errors import DpoLeanError, Interrupted
 from .layout import describe_layout, prefix_sharing
 from .logprobs import batch_scores
-from .measure import peak_memory_gb
+from .measure import memory_metrics
 from .objective import RewardBaseline, pair_metrics
 from .sampling import LengthGroupedSampler
 from .scoring import EvalSet, PairCollator, prepare_run, split_eval, to_dataset
@@ -137,7 +137,7 @@ class DPOLeanTrainer(Trainer):
         if mode == "train":
             now = time.perf_counter()
             logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
-            logs["peak_memory_gb"] = round(peak_memory_gb(self.args.device), 3)
+            logs.update(memory_metrics(self.args.device))
             if self.dpo.skip_nonfinite_steps:
                 logs["nonfinite_steps_skipped"] = self.guard.skipped
             if self.args.fp16:
@@ -279,7 +279,7 @@ def run_train(config: Config) -> dict:
     if trainer.step0_logratios:
         summary_extra["step0_logratios"] = trainer.step0_logratios
     summary_extra["train_tokens_per_second"] = round(trainer.train_tokens / max(seconds, 1e-9), 1)
-    summary_extra["peak_memory_gb"] = round(peak_memory_gb(args.device), 3)
+    summary_extra.update(memory_metrics(args.device))
     if trainer.reward_baseline is not None:
         summary_extra["reward_baseline"] = trainer.reward_baseline.state()["args"]  # `dpo-lean evaluate` reads it
     final_eval = trainer.evaluate() if eval_set.rows else {}
