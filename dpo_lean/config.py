@@ -161,6 +161,7 @@ class Config:
     trained_adapter: str | None = _key(None, "The trained adapter `evaluate` scores and `export` merges (e.g. a checkpoint-* folder); default output_dir. It sits on the starting point: base + the adapters adapter_name_or_path merged into it.", group="evaluate/export", lf=None)
     export_dir: str | None = _key(None, "Where `dpo-lean export` writes the merged model; default <output_dir>/merged.", group="evaluate/export")
     export_size: int = _key(5, "Largest weight file (shard) of the exported model, in GB.", group="evaluate/export", min=1)
+    infer_dtype: str = _key("auto", "dtype of the model `export` writes: auto = bfloat16 with bf16, float16 with fp16, else the model's own (its config.json's dtype), as LLaMA-Factory's export; or float16, bfloat16, float32.", group="evaluate/export", choices=("auto", "float16", "bfloat16", "float32"))
 
     # ------------------------------------------------------------------
     @property

@@ -158,7 +158,7 @@ NO_EFFECT: dict[str, str] = {
     **dict.fromkeys(("do_sample", "temperature", "top_p", "top_k", "num_beams", "max_length", "max_new_tokens",
                      "repetition_penalty", "length_penalty", "skip_special_tokens", "eval_num_beams",
                      "generation_max_length", "generation_num_beams", "generation_config", "infer_backend",
-                     "infer_dtype", "use_kv_cache", "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager",
+                     "use_kv_cache", "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager",
                      "vllm_max_lora_rank", "vllm_config", "sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size",
                      "sglang_config", "sglang_lora_backend", "sortish_sampler"),
                     "generation and inference settings: DPO training never generates"),
