@@ -262,8 +262,9 @@ def test_damaged_cache_is_detected_then_repaired(damage, tiny_config, tmp_path):
 # ---------------------------------------------------------------- NaN or inf
 
 
-def _poison_step(monkeypatch, step: int):
-    """Make the loss NaN for the micro-batch of the given optimizer step (1-based)."""
+def _poison_step(monkeypatch, step: int, factor: float = float("nan")):
+    """Multiply the loss by ``factor`` (NaN: a non-finite step) for the micro-batch of the given optimizer step
+    (1-based). tests/test_nonfinite_guard.py's GPU test patches with it too, so its patch runs here on any CPU."""
     real, calls = train.pair_metrics, []
 
     def poisoned(config, scores, batch, **kwargs):
@@ -271,7 +272,7 @@ def _poison_step(monkeypatch, step: int):
         if scores["logps"].requires_grad:
             calls.append(1)
             if len(calls) == step:
-                losses = losses * float("nan")
+                losses = losses * factor
         return losses, stats
 
     monkeypatch.setattr(train, "pair_metrics", poisoned)
