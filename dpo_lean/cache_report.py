@@ -49,7 +49,9 @@ def describe(cache_dir: str | Path) -> tuple[bool, list[str]]:
                     else ""))
     for run in m.get("runs", [])[-3:]:
         lines.append(f"run {run.get('finished', '?')}: {run.get('rows')} rows, {run.get('tokens_per_second')} tokens/s,"
-                     f" peak {run.get('peak_memory_gb')} GB on {run.get('device')}")
+                     f" peak {run.get('peak_memory_gb')} GB"
+                     + (f" ({run['peak_memory_reserved_gb']} GB reserved)" if "peak_memory_reserved_gb" in run else "")
+                     + f" on {run.get('device')}")
     if state.table.num_rows:
         lines.append("values:")
         lines += [_stats_line(state.table, c) for c in VALUE_COLUMNS]

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from . import config_values
+from . import config_values, lr_schedule
 from .config_values import shown
 from .errors import DpoLeanError
 from .loss_catalog import F_DIVERGENCE_LOSSES, F_DIVERGENCES, PREF_LOSSES, check_loss_keys, needs_reference, parse_losses
@@ -127,7 +127,8 @@ class Config:
     max_steps: int = _key(-1, "Stop after this many optimizer steps (overrides num_train_epochs when > 0).", group="train", min=-1)
     learning_rate: float = _key(5.0e-6, "Peak learning rate.", group="train", min=0.0, min_exclusive=True)
     lr_scheduler_type: str = _key("cosine", "Learning-rate schedule (transformers' names).", group="train", choices=SCHEDULERS)
-    warmup_ratio: float = _key(0.0, "Share of steps for linear warmup.", group="train", min=0.0, max=1.0)
+    lr_scheduler_kwargs: dict | None = _key(None, "The schedule's own arguments, as in LLaMA-Factory (a mapping, or a JSON string): cosine_with_min_lr needs min_lr or min_lr_rate ({min_lr_rate: 0.1}); warmup_stable_decay takes num_decay_steps and num_stable_steps (default: a third of the steps after warmup stable, the rest decaying, as LLaMA-Factory), warmup_type, decay_type, min_lr_ratio; cosine num_cycles; polynomial lr_end, power; inverse_sqrt timescale; reduce_lr_on_plateau factor, patience, ... Checked when the config loads.", group="train", comma_list=True)
+    warmup_ratio: float = _key(0.0, "Share of the optimizer steps for linear warmup, rounded up (1.0 = the whole run).", group="train", min=0.0, max=1.0)
     warmup_steps: int = _key(0, "Warmup steps (overrides warmup_ratio when > 0).", group="train", min=0)
     weight_decay: float = _key(0.0, "AdamW weight decay.", group="train", min=0.0)
     max_grad_norm: float = _key(1.0, "Gradient clipping norm (0 = off).", group="train", min=0.0)
@@ -160,6 +161,7 @@ class Config:
     trained_adapter: str | None = _key(None, "The trained adapter `evaluate` scores and `export` merges (e.g. a checkpoint-* folder); default output_dir. It sits on the starting point: base + the adapters adapter_name_or_path merged into it.", group="evaluate/export", lf=None)
     export_dir: str | None = _key(None, "Where `dpo-lean export` writes the merged model; default <output_dir>/merged.", group="evaluate/export")
     export_size: int = _key(5, "Largest weight file (shard) of the exported model, in GB.", group="evaluate/export", min=1)
+    infer_dtype: str = _key("auto", "dtype of the model `export` writes: auto = bfloat16 with bf16, float16 with fp16, else the model's own (its config.json's dtype), as LLaMA-Factory's export; or float16, bfloat16, float32.", group="evaluate/export", choices=("auto", "float16", "bfloat16", "float32"))
 
     # ------------------------------------------------------------------
     @property
@@ -304,9 +306,24 @@ def _check_cross_rules(c: Config) -> None:
         raise DpoLeanError("config key 'create_new_adapter': true needs adapter_name_or_path (the adapters to "
                            "merge into the base before the new LoRA)")
     _check_template(c)
+    _check_schedule(c)
     for t in (x.strip() for x in c.report_to.split(",")):
         if t not in ("none", "tensorboard", "wandb", "all", ""):
             raise DpoLeanError(f"config key 'report_to': {shown(t)} is not supported; choose none, tensorboard or wandb")
+
+
+def _check_schedule(c: Config) -> None:
+    """lr_scheduler_kwargs checked against lr_scheduler_type (and kept with typed values); warmup and evaluation
+    where the schedule needs or ignores them."""
+    c.lr_scheduler_kwargs = lr_schedule.check(c.lr_scheduler_type, c.lr_scheduler_kwargs, c.learning_rate) or None
+    if c.lr_scheduler_type in lr_schedule.NO_WARMUP and (c.warmup_steps or c.warmup_ratio):
+        key = "warmup_steps" if c.warmup_steps else "warmup_ratio"
+        fix = "constant_with_warmup" if c.lr_scheduler_type == "constant" else "another schedule"
+        raise DpoLeanError(f"config key '{key}': lr_scheduler_type {c.lr_scheduler_type} has no warmup; set {key} to 0 "
+                           f"or use {fix}")
+    if c.lr_scheduler_type == "reduce_lr_on_plateau" and (not (c.val_size or c.eval_dataset) or c.eval_strategy == "no"):
+        raise DpoLeanError("config key 'lr_scheduler_type': reduce_lr_on_plateau lowers the learning rate when eval_loss "
+                           "stops improving; it needs evaluation: set val_size or eval_dataset (and eval_strategy not no)")
 
 
 def _check_template(c: Config) -> None:

@@ -20,7 +20,8 @@ def types_of(hint) -> tuple[type, ...]:
 
 
 def describe(types_: tuple[type, ...]) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+             dict: "a mapping ({name: value}) or its JSON text"}
     return " or ".join(names[t] for t in types_)
 
 
@@ -58,7 +59,12 @@ def coerce(name: str, value: Any, allowed: tuple[type, ...], meta: dict) -> Any:
             return value
         if int in allowed and value.is_integer():
             return int(value)
+    elif isinstance(value, dict):
+        if dict in allowed and all(isinstance(k, str) for k in value):
+            return dict(value)
     elif isinstance(value, str):
+        if dict in allowed and value.lstrip().startswith("{"):
+            return _json_mapping(name, value)  # '{"min_lr_rate": 0.1}', as transformers' TrainingArguments reads it
         if bool in allowed and value.lower() in ("true", "false"):  # prefix_sharing=true on the command line
             return value.lower() == "true"
         if str in allowed:
@@ -78,6 +84,19 @@ def coerce(name: str, value: Any, allowed: tuple[type, ...], meta: dict) -> Any:
     raise DpoLeanError(f"config key '{name}': {shown(value)} is not allowed; expected {describe(allowed)}")
 
 
+def _json_mapping(name: str, text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise DpoLeanError(f"config key '{name}': {shown(text)} is not valid JSON ({str(e).splitlines()[0]}); write "
+                           "a mapping such as {\"min_lr_rate\": 0.1}") from None
+    if not isinstance(value, dict):
+        raise DpoLeanError(f"config key '{name}': {shown(text)} is not a mapping; write one such as {{\"min_lr_rate\": 0.1}}")
+    return value
+
+
 def check_rules(name: str, value: Any, meta: dict) -> None:
     """Raise a one-line error if ``value`` breaks the key's choices or range (``meta``: the key's _key metadata)."""
     choices = meta["choices"]
@@ -86,15 +105,14 @@ def check_rules(name: str, value: Any, meta: dict) -> None:
         raise DpoLeanError(f"config key '{name}': {shown(value)} is not supported; choose one of: {listed}")
     if isinstance(value, str) and "\x00" in value:
         raise DpoLeanError(f"config key '{name}': {shown(value)} contains a NUL byte; remove it")
-    if isinstance(value, float) and math.isinf(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise DpoLeanError(f"config key '{name}': {shown(value)} is not allowed; use a finite number")
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    lo, hi = meta["min"], meta["max"]
-    nan = isinstance(value, float) and math.isnan(value)
-    if lo is not None and (nan or value < lo or (meta["min_exclusive"] and value == lo)):
+    lo, hi = meta["min"], meta["max"]  # value is finite here (NaN compares False with every bound)
+    if lo is not None and (value < lo or (meta["min_exclusive"] and value == lo)):
         bound = f"> {lo}" if meta["min_exclusive"] else f">= {lo}"
         raise DpoLeanError(f"config key '{name}': {shown(value)} is out of range; it must be {bound}")
-    if hi is not None and (nan or value > hi or (meta["max_exclusive"] and value == hi)):
+    if hi is not None and (value > hi or (meta["max_exclusive"] and value == hi)):
         bound = f"< {hi}" if meta["max_exclusive"] else f"<= {hi}"
         raise DpoLeanError(f"config key '{name}': {shown(value)} is out of range; it must be {bound}")

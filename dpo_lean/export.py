@@ -11,6 +11,11 @@ The merge goes into the base at its original precision (not the 4-bit weights th
 on), as every QLoRA merge does; the merged model differs from 4-bit base + adapter by the 4-bit
 quantisation error, and equals plain base + adapter within float rounding.
 
+The merged model is written in the dtype asked for (infer_dtype; else bfloat16 with bf16, float16 with fp16), else
+in the model's own (its config.json's dtype), as LLaMA-Factory's export: never in the float32 a machine without a
+GPU computes in (a 7B model would be about 30 GB, and take as much memory to write). The base is loaded in that
+dtype, so the merge needs no more memory than the model itself.
+
 Like training, export loads weights from safetensors only unless ``use_safetensors_only: false``: a
 pickle-based file (``pytorch_model.bin``, ``adapter_model.bin``) can run code when it is loaded.
 """
@@ -45,6 +50,16 @@ def load_plain_base(config: Config, dtype):
         raise DpoLeanError(f"config key 'model_name_or_path': cannot load {config.model_name_or_path!r}: {msg}{hint}") from None
 
 
+def export_dtype(config: Config):
+    """The dtype export loads and writes the model in: infer_dtype, else bf16/fp16 as the config asks, else "auto"
+    (transformers' word for the checkpoint's own dtype)."""
+    import torch
+
+    if config.infer_dtype != "auto":
+        return getattr(torch, config.infer_dtype)
+    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else "auto"
+
+
 def merge_stacks(config: Config) -> list[Stack]:
     """The adapters export merges, in order, as stacks named by their config key (see the module docstring)."""
     if config.dataset or config.trained_adapter or not config.adapter_name_or_path:
@@ -62,12 +77,13 @@ def run_export(config: Config) -> Path:
     require(config, "model_name_or_path")
     stacks = merge_stacks(config)
     export_dir = Path(config.export_dir or Path(config.output_dir) / "merged")
-    merged = load_plain_base(config, modeling.compute_dtype(config, modeling.device()))
+    merged = load_plain_base(config, export_dtype(config))
     for stack in stacks:
         merged = adapters.apply(merged, stack, config)
     merged.save_pretrained(export_dir, max_shard_size=f"{config.export_size}GB")
     modeling.load_tokenizer(config).save_pretrained(export_dir)
     names = " + ".join(p for stack in stacks for p in stack.paths)
-    click.echo(f"merged model ({config.model_name_or_path} + {names}) saved to {export_dir} (loads with "
+    dtype = str(merged.dtype).removeprefix("torch.")
+    click.echo(f"merged model ({config.model_name_or_path} + {names}) saved to {export_dir} in {dtype} (loads with "
                "AutoModelForCausalLM.from_pretrained)")
     return export_dir

@@ -1,7 +1,9 @@
 """Memory of this process, the way the run summaries and the benchmark report it.
 
-On a GPU: CUDA allocated memory (now, and its peak). On CPU: the resident set size, now (VmRSS) and its peak
-(VmHWM), which :func:`reset_peak` restarts (Linux ``clear_refs``), so a peak can be taken over one phase.
+On a GPU: CUDA allocated memory (now, and its peak), and the peak the caching allocator reserved from the device
+(what runs a card out of memory: allocated plus the allocator's cached, fragmented blocks). On CPU: the resident set
+size, now (VmRSS) and its peak (VmHWM), which :func:`reset_peak` restarts (Linux ``clear_refs``), so a peak can be
+taken over one phase; there the RSS already counts everything the process holds, so there is no reserved figure.
 """
 
 from __future__ import annotations
@@ -38,6 +40,22 @@ def peak_memory_gb(device: torch.device | None = None) -> float:
         return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KiB on Linux
+
+
+def peak_reserved_gb(device: torch.device | None = None) -> float | None:
+    """CUDA peak reserved by the caching allocator (since the last reset_peak); None off CUDA (no such figure)."""
+    if _on_gpu(device):
+        return torch.cuda.max_memory_reserved(device) / 1e9
+    return None
+
+
+def memory_metrics(device: torch.device | None = None) -> dict[str, float]:
+    """The peak memory figures a log line or summary reports: peak_memory_gb, and on CUDA peak_memory_reserved_gb."""
+    out = {"peak_memory_gb": round(peak_memory_gb(device), 3)}
+    reserved = peak_reserved_gb(device)
+    if reserved is not None:
+        out["peak_memory_reserved_gb"] = round(reserved, 3)
+    return out
 
 
 def current_memory_gb(device: torch.device | None = None) -> float | None:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from .errors import DpoLeanError, Interrupted
 from .fingerprint import build_fingerprint
 from .layout import Sharing, collate, describe_layout, prefix_sharing
 from .logprobs import batch_logps
-from .measure import peak_memory_gb
+from .measure import memory_metrics
 
 
 def plan_parts(rows: PreparedRows, batch_size: int, part_rows: int) -> list[list[np.ndarray]]:
@@ -67,13 +66,31 @@ def pending_parts(plan, ids: list[str], done: set[str], num_shards: int, shard_i
             yield i, batches
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """An error that a smaller batch may avoid: CUDA's OutOfMemoryError, the out-of-memory RuntimeErrors accelerate
+    recognises (HIP, XPU, MPS, CPU allocator, cuDNN's unsupported-size error), and cuBLAS failing to allocate its
+    workspace (CUBLAS_STATUS_ALLOC_FAILED, a plain RuntimeError)."""
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and (should_reduce_batch_size(error)
+                                                or "CUBLAS_STATUS_ALLOC_FAILED" in str(error))
+
+
+GROW_AFTER = 16  # clean batches at a halved size before the next larger one is tried
+
+
 @dataclass
 class BatchScorer:
     """Scores batches of rows with the reference: [chosen logps..., rejected logps...] per batch.
 
-    On CUDA out-of-memory the batch is scored in pieces of half the size, retried only after the failed
-    forward's memory is released (outside the ``except`` block: the live exception's traceback pins that
-    forward's activations), and ``max_rows``, the size that worked, stays for every later batch.
+    Out of memory (:func:`is_out_of_memory`, moving the batch to the device included): the rows are scored in
+    pieces of half the size, retried only after the failed attempt's memory is released (outside the ``except``
+    block: the live exception's traceback pins that forward's activations); ``max_rows``, the size that worked,
+    stays for the later batches. After ``grow_after`` clean pieces at that size it doubles again (up to the whole
+    batch): rows run longest first, so later batches usually fit again. A grown size that runs out of memory again
+    halves, and the next try waits twice as many clean pieces.
     ``sharing``: prefix sharing (one [prompt | chosen | rejected] sequence per pair where it pays); None for
     two sequences per pair.
     """
@@ -84,7 +101,10 @@ class BatchScorer:
     dev: torch.device
     dtype: torch.dtype
     sharing: Sharing | None = None
-    max_rows: int | None = None
+    max_rows: int | None = None  # None: whole batches
+    grow_after: int = GROW_AFTER
+    clean: int = 0  # pieces scored at max_rows since it last changed
+    grown: bool = False  # max_rows was reached by growing (an out-of-memory there backs off)
 
     def __call__(self, rows: list[TokenizedRow]) -> torch.Tensor:
         pieces, start = [], 0
@@ -92,30 +112,48 @@ class BatchScorer:
             size = min(len(rows) - start, self.max_rows or len(rows))
             logps = self._score(rows[start:start + size])
             if logps is None:  # out of memory, and its memory is free again: halve and retry
-                self.max_rows = size // 2
-                click.echo(f"precompute: out of memory at {size} pairs a batch; continuing at {self.max_rows}", err=True)
+                self._halve(size)
                 continue
             pieces.append((logps, size))
             start += size
+            if size == self.max_rows:
+                self._count_clean(len(rows))
         return torch.cat([lp[:n] for lp, n in pieces] + [lp[n:] for lp, n in pieces])
+
+    def _halve(self, size: int) -> None:
+        if self.grown and self.clean < self.grow_after:
+            self.grow_after *= 2  # the size grown to did not hold: wait longer before the next try
+        self.max_rows, self.clean, self.grown = size // 2, 0, False
+        click.echo(f"precompute: out of memory at {size} pairs a batch; continuing at {self.max_rows}", err=True)
+
+    def _count_clean(self, batch_rows: int) -> None:
+        self.clean += 1
+        if self.clean >= self.grow_after and self.max_rows < batch_rows:
+            bigger = min(2 * self.max_rows, batch_rows)
+            click.echo(f"precompute: {self.clean} clean batches at {self.max_rows} pairs a batch; trying {bigger} again",
+                       err=True)
+            self.max_rows, self.clean, self.grown = bigger, 0, True
 
     def _score(self, rows: list[TokenizedRow]) -> torch.Tensor | None:
         """The rows' log-probs, or None when they ran out of memory (with the memory of the attempt freed)."""
+        from accelerate.utils.memory import clear_device_cache
+
         ids = [r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows]
-        batch = modeling.batch_to(collate(*ids, self.pad_id, self.sharing, tails=True), self.dev)
+        batch = collate(*ids, self.pad_id, self.sharing, tails=True)
         try:
+            batch = modeling.batch_to(batch, self.dev)
             with modeling.inference(self.model), modeling.autocast(self.dtype, self.dev):
                 return batch_logps(self.model, batch, self.chunk_size).cpu()
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
+            if not is_out_of_memory(e):
+                raise
             if len(rows) == 1:
                 r = rows[0]
                 raise DpoLeanError(f"out of memory on row {r.row_index} alone ({len(r.prompt_ids)} prompt + "
                                    f"{len(r.chosen_ids)}/{len(r.rejected_ids)} completion tokens); lower cutoff_len "
                                    "or logprob_chunk_size, or use a smaller reference (quantization_bit: 4)") from None
         del batch
-        gc.collect()  # frames of the failed forward caught in reference cycles
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        clear_device_cache(garbage_collection=True)  # frames of the failed forward caught in reference cycles
         return None
 
 
@@ -201,7 +239,7 @@ def run_precompute(config: Config) -> dict:
     seconds = time.perf_counter() - t0
     return _finish(cache_dir, {"rows": n_rows, "tokens": progress.tokens, "seconds": round(seconds, 3),
                                "shard": f"{shard_index}/{num_shards}", "device": str(dev),
-                               "peak_memory_gb": round(peak_memory_gb(dev), 3)})
+                               **memory_metrics(dev)})
 
 
 def _kept_float32_cache(cache_dir, fingerprint: dict, rows: PreparedRows) -> dict | None:
@@ -263,7 +301,9 @@ def _finish(cache_dir, summary: dict) -> dict:
         summary["finished"] = cache._now()
         cache.record_run(cache_dir, summary)
         click.echo(f"precompute: {summary['rows']} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f} s "
-                   f"({summary['tokens_per_second']:,.0f} tokens/s), peak memory {summary['peak_memory_gb']:.2f} GB")
+                   f"({summary['tokens_per_second']:,.0f} tokens/s), peak memory {summary['peak_memory_gb']:.2f} GB"
+                   + (f" ({summary['peak_memory_reserved_gb']:.2f} GB reserved)" if "peak_memory_reserved_gb" in summary
+                      else ""))
     state = cache.scan(cache_dir)
     status = "complete" if state.complete else f"{state.cached_expected} of {len(state.expected)} rows so far"
     unused = state.table.num_rows - state.cached_expected

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 TRL_METRICS = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
     "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_gb",
+    "peak_memory_reserved_gb",
 )
 PLOT_PANELS = ("loss", "rewards/margins", "rewards/accuracies", "learning_rate")
 UNSMOOTHED = frozenset({"learning_rate"})  # a schedule, not a noisy measurement: smoothing only adds lag
@@ -145,19 +146,24 @@ def _summarize(history: list[dict]) -> dict:
     evals = [m for split, m in rows if split == "eval"]
     end = next((e for e in reversed(history) if _is_train_summary(e)), {})
     last = history[-1] if history else {}
-    peaks = [p for m in train if (p := _number(m.get("peak_memory_gb"))) is not None and not math.isnan(p)]
+    def peak(key: str) -> float | None:
+        values = [p for m in train if (p := _number(m.get(key))) is not None and not math.isnan(p)]
+        return max(values) if values else None
+
     summary = {
         "final": train[-1] if train else None,
         "final_eval": evals[-1] if evals else None,
         "best_eval": _best_eval(evals),
         "runtime_seconds": end.get("train_runtime"),
         "train_tokens_per_second": None,
-        "peak_memory_gb": max(peaks) if peaks else None,
+        "peak_memory_gb": peak("peak_memory_gb"),
+        "peak_memory_reserved_gb": peak("peak_memory_reserved_gb"),  # CUDA only: left out on CPU
         "global_step": end.get("step", last.get("step")),
         "epochs": end.get("epoch", last.get("epoch")),
         "train_loss": end.get("train_loss"),
     }
-    return {k: v for k, v in summary.items() if not (k in ("final_eval", "best_eval") and v is None)}
+    return {k: v for k, v in summary.items()
+            if not (k in ("final_eval", "best_eval", "peak_memory_reserved_gb") and v is None)}
 
 
 def write_summary(history: list[dict], path: str | os.PathLike, extra: dict | None = None) -> dict:

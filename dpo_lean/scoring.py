@@ -63,17 +63,43 @@ def load_reference(config: Config, fingerprint: dict, rows: PreparedRows,
 
 
 def split_rows(rows: PreparedRows, val_size: float, seed: int) -> tuple[PreparedRows, PreparedRows]:
-    """Held-out rows chosen by seed: ``val_size`` < 1 is a share, >= 1 a count."""
+    """Held-out rows chosen by seed: ``val_size`` < 1 is a share of the rows, >= 1 a count.
+
+    Rows with the same content id (a pair the dataset holds twice) stay together: whole ids are held out, in a seeded
+    order, until the count is reached (an id's extra copies may pass it), so eval never scores a pair training
+    saw. Without duplicates it holds out exactly the rows a row-by-row draw with the same seed would.
+    """
     if not val_size:
         return rows, rows.subset([])
     n_val = int(val_size) if val_size >= 1 else max(1, round(val_size * len(rows)))
-    if n_val >= len(rows):
-        raise DpoLeanError(f"config key 'val_size': {val_size} leaves no training rows ({len(rows)} rows kept)")
-    order = list(range(len(rows)))
+    groups: dict[str, list[int]] = {}
+    for position, row_id in enumerate(rows.ids):
+        groups.setdefault(row_id, []).append(position)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    held = set(order[:n_val])
+    held: set[int] = set()
+    for group in order:
+        if len(held) >= n_val:
+            break
+        held.update(group)
+    if n_val >= len(rows) or len(held) == len(rows):
+        copies = f", copies of {len(groups)} distinct pairs" if len(groups) < len(rows) else ""
+        raise DpoLeanError(f"config key 'val_size': {val_size} leaves no training rows ({len(rows)} rows kept{copies})")
     return (rows.subset([i for i in range(len(rows)) if i not in held]),
             rows.subset([i for i in range(len(rows)) if i in held]))
+
+
+def duplicate_note(rows: PreparedRows, eval_rows: PreparedRows, eval_dataset: bool) -> str | None:
+    """One line on repeated pairs where they touch evaluation, or None: rows of the dataset that repeat another's
+    content (val_size keeps each id's copies on one side), or eval_dataset rows that the training rows hold too."""
+    ids = rows.ids
+    if eval_dataset:
+        shared = set(ids).intersection(eval_rows.ids)
+        return (f"eval_dataset: {len(shared)} of its distinct pairs are also training rows (same content); they raise "
+                "its eval metrics" if shared else None)
+    repeats = len(ids) - len(set(ids))
+    return (f"data: {repeats} rows repeat another row's content (same id); val_size holds each id's copies out "
+            "together, or none of them" if repeats and len(eval_rows) else None)
 
 
 def to_dataset(rows: PreparedRows, ref: dict | None):
@@ -145,9 +171,15 @@ class EvalSet:
 def split_eval(config: Config, tokenizer, data, ref) -> tuple[PreparedRows, EvalSet]:
     """Training rows and the eval set: eval_dataset with its own cache, or the val_size rows held out by seed."""
     if config.eval_dataset:
-        return data.rows, load_eval_dataset(config, tokenizer)
-    train_rows, eval_rows = split_rows(data.rows, config.val_size, config.seed)
-    return train_rows, EvalSet(eval_rows, ref, f"val_size={config.val_size:g} of {config.dataset}")
+        eval_set = load_eval_dataset(config, tokenizer)
+        train_rows = data.rows
+    else:
+        train_rows, eval_rows = split_rows(data.rows, config.val_size, config.seed)
+        eval_set = EvalSet(eval_rows, ref, f"val_size={config.val_size:g} of {config.dataset}")
+    note = duplicate_note(data.rows, eval_set.rows, bool(config.eval_dataset))
+    if note:
+        launch.say(note)
+    return train_rows, eval_set
 
 
 def load_eval_dataset(config: Config, tokenizer) -> EvalSet:

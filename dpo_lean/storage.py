@@ -57,6 +57,31 @@ def locked(directory: Path, what: str, fix: str, lock_file: str = ".lock"):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def hold(path: Path):
+    """Open ``path`` with a shared lock, held while the returned handle is open (at the latest until the process
+    ends, when the kernel drops it): a sign to :func:`remove_unless_held` that a live process still reads it."""
+    handle = open(path, "rb")
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    return handle
+
+
+def remove_unless_held(path: Path, *with_it: Path) -> bool:
+    """Remove ``path``, then ``with_it``, unless a live process holds ``path`` (:func:`hold`); True if they are gone.
+    Call it under the folder's lock, which readers hold while they open and hold a file."""
+    try:
+        with open(path, "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    for p in with_it:
+        p.unlink(missing_ok=True)
+    return True
+
+
 _TEMP = re.compile(r"\.(?P<final>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.tmp")
 
 

@@ -12,21 +12,33 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
-from . import adapters, faults, launch, modeling
+from . import adapters, faults, launch, lr_schedule, modeling
 from .config import Config
 from .data.pipeline import skip_summary, write_skip_report
 from .errors import DpoLeanError, Interrupted
 from .layout import describe_layout, prefix_sharing
 from .logprobs import batch_scores
-from .measure import peak_memory_gb
+from .measure import memory_metrics
 from .objective import RewardBaseline, pair_metrics
 from .sampling import LengthGroupedSampler
 from .scoring import EvalSet, PairCollator, prepare_run, split_eval, to_dataset
+
+
+@dataclass
+class DpoTrainingArguments(TrainingArguments):
+    """TrainingArguments with LLaMA-Factory's warmup_ratio, which transformers 5 dropped (its warmup_steps reads a
+    value >= 1 as a count: a ratio of 1.0 passed there is one step)."""
+
+    warmup_ratio: float = 0.0
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        return lr_schedule.warmup_steps(int(self.warmup_steps), self.warmup_ratio, num_training_steps)
 
 
 class DPOLeanTrainer(Trainer):
@@ -64,6 +76,13 @@ class DPOLeanTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         self.guard.wrap(optimizer, lambda: self.state.global_step + 1)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:  # the schedule's arguments that depend on the run's length (LF's WSD split)
+            self.args.lr_scheduler_kwargs = lr_schedule.scheduler_kwargs(
+                self.dpo.lr_scheduler_type, self.dpo.lr_scheduler_kwargs, num_training_steps,
+                self.args.get_warmup_steps(num_training_steps))
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.dpo.group_by_length:
@@ -118,7 +137,7 @@ class DPOLeanTrainer(Trainer):
         if mode == "train":
             now = time.perf_counter()
             logs["tokens_per_second"] = round(self._tokens_since_log / max(now - self._last_log_time, 1e-9), 1)
-            logs["peak_memory_gb"] = round(peak_memory_gb(self.args.device), 3)
+            logs.update(memory_metrics(self.args.device))
             if self.dpo.skip_nonfinite_steps:
                 logs["nonfinite_steps_skipped"] = self.guard.skipped
             if self.args.fp16:
@@ -128,7 +147,6 @@ class DPOLeanTrainer(Trainer):
 
 
 def training_arguments(config: Config, has_eval: bool):
-    from transformers import TrainingArguments
     from transformers.training_args import OptimizerNames
 
     if config.optim not in {o.value for o in OptimizerNames}:
@@ -144,14 +162,15 @@ def training_arguments(config: Config, has_eval: bool):
     report_to = [t.strip() for t in config.report_to.split(",") if t.strip() and t.strip() != "none"] or "none"
     _check_trackers(report_to)
     faults.check_deepspeed(config.deepspeed)
-    return TrainingArguments(
+    return DpoTrainingArguments(
         output_dir=config.output_dir, seed=config.seed, use_cpu=not cuda,
         per_device_train_batch_size=config.per_device_train_batch_size,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_steps or config.warmup_ratio, weight_decay=config.weight_decay,
+        lr_scheduler_kwargs=dict(config.lr_scheduler_kwargs or {}),
+        warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, optim=config.optim, adam_beta1=config.adam_beta1,
         adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
         bf16=config.bf16 and cuda, fp16=config.fp16 and cuda,
@@ -260,7 +279,7 @@ def run_train(config: Config) -> dict:
     if trainer.step0_logratios:
         summary_extra["step0_logratios"] = trainer.step0_logratios
     summary_extra["train_tokens_per_second"] = round(trainer.train_tokens / max(seconds, 1e-9), 1)
-    summary_extra["peak_memory_gb"] = round(peak_memory_gb(args.device), 3)
+    summary_extra.update(memory_metrics(args.device))
     if trainer.reward_baseline is not None:
         summary_extra["reward_baseline"] = trainer.reward_baseline.state()["args"]  # `dpo-lean evaluate` reads it
     final_eval = trainer.evaluate() if eval_set.rows else {}

@@ -240,8 +240,8 @@ def test_dpo_label_smoothing_bound_is_stated_consistently(tmp_path):
     assert load_config(write(tmp_path, "dpo_label_smoothing: 0.49\n")).dpo_label_smoothing == 0.49
 
 
-@pytest.mark.parametrize("key", ["pref_beta", "learning_rate", "num_train_epochs"])
-def test_nan_is_rejected_for_bounded_numbers(tmp_path, key):
+@pytest.mark.parametrize("key", ["pref_beta", "learning_rate", "num_train_epochs", "pref_f_alpha_divergence_coef"])
+def test_nan_is_rejected_for_bounded_and_unbounded_numbers(tmp_path, key):
     # NaN compares False with every bound, so a plain `value < lo` check lets it through.
     one_line_error(lambda: load_config(write(tmp_path, f"{key}: .nan\n")), f"'{key}'", "nan")
     one_line_error(lambda: load_config(write(tmp_path, "", "x.yaml"), [f"{key}=nan"]), f"'{key}'", "nan")

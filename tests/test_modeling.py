@@ -11,11 +11,16 @@ from dpo_lean.layout import collate_pairs
 from dpo_lean.logprobs import batch_logps
 
 
-def test_policy_keeps_embeddings_and_head_in_compute_dtype_and_trains_lora_only(tiny_config):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_policy_keeps_embeddings_and_head_in_compute_dtype_and_trains_lora_only(tiny_config, monkeypatch, dtype):
+    """The unquantised embeddings and head stay in the compute dtype (neither upcast to float32, as PEFT's k-bit
+    preparation would, nor left in the checkpoint's float32). A GPU computes in bf16; on a CPU, where the compute
+    dtype is always float32, the bf16 case is forced by patching compute_dtype."""
+    monkeypatch.setattr(modeling, "compute_dtype", lambda *args, **kwargs: dtype)
     policy = modeling.prepare_policy(tiny_config(copy_cache=False))
     base = policy.get_base_model()
-    assert base.get_input_embeddings().weight.dtype == torch.float32  # the CPU compute dtype, not upcast or cast
-    assert policy.get_output_embeddings().head.weight.dtype == torch.float32
+    assert base.get_input_embeddings().weight.dtype == dtype
+    assert policy.get_output_embeddings().head.weight.dtype == dtype
     assert not base.get_input_embeddings().weight.requires_grad
     assert not policy.get_output_embeddings().head.weight.requires_grad
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]

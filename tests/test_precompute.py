@@ -152,17 +152,29 @@ def test_full_precision_reference_is_its_own_fingerprint(fresh):
         "precision": "fp32", "quantization": None, "dtype": "float32"}
 
 
+def cuda_oom():
+    return torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
 class FakeOutOfMemory:
     """A CUDA out-of-memory error raised after the forward has allocated its activations (as a real one is):
     a forward hook on the last decoder layer keeps a weak reference to that layer's output, then raises
-    when more than ``fits`` pairs are in the batch. ``sizes`` records the pairs of every forward; ``alive``
-    the failed attempts' activations that were still in memory when the next forward started."""
+    ``error()`` when more than ``fits`` pairs are in the batch (the first ``times`` such batches; None: all).
+    ``sizes`` records the pairs of every forward; ``alive`` the failed attempts' activations that were still in
+    memory when the next forward started."""
 
-    def __init__(self, model, fits: int):
+    def __init__(self, model, fits: int, error=cuda_oom, times: int | None = None):
         self.fits, self.sizes, self.alive, self.failed = fits, [], [], []
-        layer = model.model.layers[-1]
-        layer.register_forward_hook(self.after_layer)
-        model.register_forward_pre_hook(self.before_forward)
+        self.error, self.times = error, times
+        self.hooks = [model.model.layers[-1].register_forward_hook(self.after_layer),
+                      model.register_forward_pre_hook(self.before_forward)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
 
     def before_forward(self, module, args):
         self.alive.append(sum(ref() is not None for ref in self.failed))
@@ -171,9 +183,9 @@ class FakeOutOfMemory:
         hidden = output[0] if isinstance(output, tuple) else output
         pairs = hidden.shape[0] // 2
         self.sizes.append(pairs)
-        if pairs > self.fits:
+        if pairs > self.fits and (self.times is None or len(self.failed) < self.times):
             self.failed.append(weakref.ref(hidden))
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise self.error()
 
 
 def test_out_of_memory_retries_at_half_size_after_freeing_and_later_batches_keep_that_size(tiny_config):
@@ -207,6 +219,128 @@ def test_out_of_memory_on_a_single_pair_is_a_one_line_error(tiny_config):
         pre.BatchScorer(model, 0, None, torch.device("cpu"), torch.float32)(rows)
     assert "out of memory" in str(err.value) and f"row {rows[0].row_index}" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def scorer_setup(tmp_path_factory):
+    """The fixture rows (longest first, as precompute runs them), the reference, and each batch of 8 scored whole."""
+    from conftest import FIXTURES
+    from make_fixtures import fixture_config
+
+    import dpo_lean.precompute as pre
+
+    config = from_dict({**fixture_config(FIXTURES), "output_dir": str(tmp_path_factory.mktemp("out"))})
+    rows = prepare_data(config, modeling.load_tokenizer(config)).rows
+    rows = rows.take([int(i) for part in pre.plan_parts(rows, 8, 64) for batch in part for i in batch][:32])
+    model = modeling.prepare_reference(config)
+    direct = pre.BatchScorer(model, 0, None, torch.device("cpu"), torch.float32)
+    batches = [rows[i:i + 8] for i in range(0, 32, 8)]
+    return model, batches, [direct(b) for b in batches]
+
+
+def score_all(model, batches, **kwargs):
+    import dpo_lean.precompute as pre
+
+    scorer = pre.BatchScorer(model, 0, None, torch.device("cpu"), torch.float32, **kwargs)
+    return scorer, [scorer(b) for b in batches]
+
+
+def assert_same(got, want):
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # same values, same order: [chosen..., rejected...]
+
+
+@pytest.mark.parametrize("message", [
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "HIP out of memory. Tried to allocate 2.00 GiB",
+    "[enforce fail at alloc_cpu.cpp:114] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes",
+])
+def test_out_of_memory_shaped_runtime_errors_halve_the_batch(scorer_setup, message):
+    """cuBLAS failing to allocate its workspace arrives as a plain RuntimeError, and so do other backends' out of
+    memory: each halves the batch like CUDA's OutOfMemoryError."""
+    model, batches, whole = scorer_setup
+    with FakeOutOfMemory(model, fits=4, error=lambda: RuntimeError(message), times=1) as oom:
+        scorer, split = score_all(model, batches[:1])
+    assert oom.sizes == [8, 4, 4] and scorer.max_rows == 4
+    assert_same(split, whole[:1])
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(scorer_setup):
+    model, batches, _ = scorer_setup
+    error = lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied")  # noqa: E731
+    with FakeOutOfMemory(model, fits=4, error=error) as oom, pytest.raises(RuntimeError, match="cannot be multiplied"):
+        score_all(model, batches[:1])
+    assert oom.sizes == [8]
+
+
+def test_out_of_memory_while_moving_the_batch_to_the_device_halves_it(scorer_setup, monkeypatch):
+    """The batch (a shared-layout mask is [B, 1, T, T]) can run the device out of memory as it is moved there."""
+    model, batches, whole = scorer_setup
+    real, moved = modeling.batch_to, []
+
+    def batch_to(batch, dev):
+        moved.append(batch["input_ids"].shape[0] // 2)
+        if moved[-1] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
+        return real(batch, dev)
+
+    monkeypatch.setattr(modeling, "batch_to", batch_to)
+    scorer, split = score_all(model, batches[:1])
+    assert moved == [8, 4, 2, 2, 2, 2] and scorer.max_rows == 2
+    assert_same(split, whole[:1])
+
+
+def test_the_batch_grows_back_after_clean_batches(scorer_setup, capsys):
+    """One early out-of-memory halves the batch; after grow_after clean pieces the full size is tried again."""
+    model, batches, whole = scorer_setup
+    with FakeOutOfMemory(model, fits=4, times=1) as oom:
+        scorer, split = score_all(model, batches[:2], grow_after=2)
+    assert oom.sizes == [8, 4, 4, 8] and scorer.max_rows == 8
+    assert capsys.readouterr().err.splitlines() == [
+        "precompute: out of memory at 8 pairs a batch; continuing at 4",
+        "precompute: 2 clean batches at 4 pairs a batch; trying 8 again"]
+    assert_same(split, whole[:2])
+
+
+def test_a_grown_size_that_runs_out_again_halves_and_waits_twice_as_long(scorer_setup, capsys):
+    model, batches, whole = scorer_setup
+    with FakeOutOfMemory(model, fits=4) as oom:
+        scorer, split = score_all(model, batches, grow_after=2)
+    assert oom.sizes == [8, 4, 4] + [8, 4, 4] + [4, 4] + [8, 4, 4]
+    halved = "precompute: out of memory at 8 pairs a batch; continuing at 4"
+    assert capsys.readouterr().err.splitlines() == [
+        halved, "precompute: 2 clean batches at 4 pairs a batch; trying 8 again",
+        halved, "precompute: 4 clean batches at 4 pairs a batch; trying 8 again", halved]
+    assert scorer.grow_after == 8 and scorer.max_rows == 4
+    assert_same(split, whole)
+
+
+def test_precompute_after_an_early_out_of_memory_grows_back_and_caches_the_same_values(fresh, uninterrupted,
+                                                                                       monkeypatch, capsys):
+    """The first (longest) batch of 4 runs out of memory once: 16 clean batches of 2 later it is back at 4, and
+    the cache equals an uninterrupted run's."""
+    import dpo_lean.precompute as pre
+
+    real, fakes = modeling.prepare_reference, []
+
+    def prepare_reference(config):
+        model = real(config)
+        fakes.append(FakeOutOfMemory(model, fits=2, times=1))
+        return model
+
+    monkeypatch.setattr(pre.modeling, "prepare_reference", prepare_reference)
+    run_precompute(fresh(precompute_ref_batch_size=4, prefix_sharing=False))  # two sequences a pair: the fake counts
+    err = capsys.readouterr().err
+    assert "precompute: out of memory at 4 pairs a batch; continuing at 2" in err
+    assert "precompute: 16 clean batches at 2 pairs a batch; trying 4 again" in err
+    assert fakes[0].sizes == [4] + [2] * 16 + [4] * 8
+    df = cached(fresh().resolved_ref_cache_dir)
+    pd.testing.assert_frame_equal(df.drop(columns=LOGPS), uninterrupted.drop(columns=LOGPS))
+    for column in LOGPS:
+        assert (df[column] - uninterrupted[column]).abs().max() < 1e-5, column
+
+
+LOGPS = ["ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps", "ref_rejected_tail_logps"]
 
 
 @pytest.mark.cuda

@@ -137,18 +137,61 @@ def test_a_changed_cutoff_or_data_file_is_tokenised_again_and_the_stale_files_go
     data = tmp_path / "data.jsonl"
     shutil.copy(FIXTURES / "data" / "trl_standard.jsonl", data)
     config = dict(dataset=str(data), template="auto", output_dir=str(tmp_path / "out"))
-    a = prepare_data(from_dict(config), tiny_tokenizer)
+    a = prepare_data(from_dict(config), tiny_tokenizer).path  # the rows are let go: no reader holds the file
     capsys.readouterr()
     b = prepare_data(from_dict(config | {"cutoff_len": 8}), tiny_tokenizer)
     assert capsys.readouterr().out.endswith("was made for other settings (cutoff_len: 2048 -> 8); tokenising again\n")
-    assert not b.reused and b.path != a.path and not a.path.exists()
+    assert not b.reused and b.path != a and not a.exists()
     assert [len(r.prompt_ids) + len(r.chosen_ids) for r in b.rows] == [8, 8]
+    del b
     data.write_text(data.read_text() + '{"prompt": "New row.", "chosen": " Yes.", "rejected": " No."}\n')
     c = prepare_data(from_dict(config | {"cutoff_len": 8}), tiny_tokenizer)
     assert f"(sources.0:{data}.sha256: " in capsys.readouterr().out
     assert not c.reused and c.num_rows == 3 and len(c.rows) == 3
     assert len(count_tokenising) == 2 + 2 + 3
     assert sorted(p.name for p in c.path.parent.glob("[!.]*")) == sorted([c.path.name, c.path.stem + ".json"])
+
+
+READER = """
+import json, sys
+from dpo_lean import modeling
+from dpo_lean.config import from_dict
+from dpo_lean.data.pipeline import prepare_data
+from dpo_lean.scoring import to_dataset
+config = from_dict(json.loads(sys.argv[1]))
+data = prepare_data(config, modeling.load_tokenizer(config))
+print(data.path, flush=True)
+sys.stdin.readline()  # meanwhile another process prepares the same dataset with another cutoff_len
+print(len(to_dataset(data.rows, None)), flush=True)  # train opens the file again (datasets maps it by path)
+"""
+
+
+def test_a_build_leaves_the_prepared_data_a_live_process_reads_and_a_later_one_removes_it(tmp_path):
+    """A `data-check CFG cutoff_len=8` while a train (another process) uses the prepared data of the same dataset:
+    the train's file stays, and the train opens it again later; once that process is gone, the next build
+    removes it."""
+    from dpo_lean import modeling
+
+    data = tmp_path / "data.jsonl"
+    shutil.copy(FIXTURES / "data" / "trl_standard.jsonl", data)
+    config = dict(model_name_or_path=str(FIXTURES / "tiny-model"), dataset=str(data), template="auto",
+                  output_dir=str(tmp_path / "out"))
+    reader = subprocess.Popen([sys.executable, "-c", READER, json.dumps(config)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        held = Path(reader.stdout.readline().strip())
+        assert held.name.endswith(".arrow"), reader.stderr.read()
+        tokenizer = modeling.load_tokenizer(from_dict(config))
+        other = prepare_data(from_dict(config | {"cutoff_len": 8}), tokenizer)
+        assert not other.reused and other.path != held and held.exists() and held.with_suffix(".json").exists()
+        out, err = reader.communicate("go\n", timeout=300)
+    finally:
+        reader.kill()
+    assert reader.returncode == 0 and out.strip() == "2", err
+    del other
+    prepare_data(from_dict(config | {"cutoff_len": 16}), tokenizer)
+    assert not held.exists() and not held.with_suffix(".json").exists()
+    assert len(list(held.parent.glob("*.arrow"))) == 1
 
 
 def test_template_options_are_in_the_key(tmp_path, tiny_tokenizer):

@@ -108,6 +108,7 @@ def test_summary_final_best_and_runtime(history, tmp_path):
     assert summary["runtime_seconds"] == 123.4
     assert summary["train_tokens_per_second"] == 1580.0
     assert summary["peak_memory_gb"] == 8.25
+    assert "peak_memory_reserved_gb" not in summary  # no log has it (a CPU run): left out, not null
     assert summary["global_step"] == 40 and summary["epochs"] == 1.0
     assert summary["config"] == {"pref_beta": 0.1}
     assert path.read_text().startswith("{\n  ")
@@ -264,3 +265,11 @@ def test_callback_non_zero_rank_writes_nothing(history, tmp_path):
     state.is_world_process_zero = False
     _drive(writer, state, history)
     assert not metrics_dir.exists()
+
+
+def test_summary_peak_reserved_is_the_highest_logged(tmp_path):
+    history = [_train(10, 0.69, 0.5, 0.0, 1e-5, peak_memory_gb=7.5, peak_memory_reserved_gb=9.0),
+               _train(20, 0.60, 0.6, 0.1, 1e-5, peak_memory_gb=8.0, peak_memory_reserved_gb=11.5),
+               _train(30, 0.55, 0.7, 0.2, 1e-5, peak_memory_gb=7.9, peak_memory_reserved_gb=10.0)]
+    summary = write_summary(history, tmp_path / "summary.json")
+    assert summary["peak_memory_gb"] == 8.0 and summary["peak_memory_reserved_gb"] == 11.5

@@ -57,6 +57,9 @@ def test_logged_metrics_use_trl_names(trained):
                 "logps/rejected", "learning_rate", "grad_norm", "epoch", "tokens_per_second", "peak_memory_gb"):
         assert key in train_log, key
     assert train_log["tokens_per_second"] > 0 and train_log["peak_memory_gb"] > 0
+    assert ("peak_memory_reserved_gb" in train_log) == torch.cuda.is_available()  # CUDA only, left out on CPU
+    if torch.cuda.is_available():
+        assert train_log["peak_memory_reserved_gb"] >= train_log["peak_memory_gb"]
     assert train_log["rewards/margins"] == pytest.approx(train_log["rewards/chosen"] - train_log["rewards/rejected"], abs=1e-5)
 
 
@@ -71,6 +74,7 @@ def test_output_files(trained):
     assert summary["final"]["loss"] == [h for h in history if "loss" in h][-1]["loss"]
     assert summary["final_eval"]["rewards/accuracies"] == [h for h in history if "eval_loss" in h][-1]["eval_rewards/accuracies"]
     assert summary["train_tokens_per_second"] > 0 and summary["runtime_seconds"] > 0
+    assert ("peak_memory_reserved_gb" in summary) == torch.cuda.is_available()
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -11,7 +11,9 @@
 The digest hashes everything the ids depend on (fingerprint.prepared_fingerprint): the dataset files' content and
 how they are read, the tokenizer, the template's definition, cutoff_len, truncation_mode and the library versions.
 Files are written as the reference cache's are (storage.py: per-writer temporary name, fsync, rename). Another
-digest's files for the same ``dataset`` are stale: removed when the new ones are written.
+digest's files for the same ``dataset`` are stale: removed when the new ones are written, except those a live
+process still reads (each reader holds a shared lock on the Arrow file it maps, storage.hold, for as long as it
+uses the rows; a later build removes them once they are free).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class PreparedRows(Sequence):
     (iteration goes batch by batch). Whole columns of scalars (lengths, row_index) come as numpy arrays.
     """
 
-    def __init__(self, table: pa.Table, path: Path | None = None, positions: np.ndarray | None = None):
+    def __init__(self, table: pa.Table, path: Path | None = None, positions: np.ndarray | None = None, held=None):
         self.table, self.path, self.positions = table, path, positions
+        self.held = held  # the shared lock on ``path`` (storage.hold): no build removes the file while it is open
         self._batches = table.to_batches()  # zero-copy; a take on the whole table would first join its chunks
         self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
 
@@ -94,7 +97,7 @@ class PreparedRows(Sequence):
 
     def subset(self, positions) -> PreparedRows:
         """These rows at ``positions`` (of this view), sharing the table."""
-        return PreparedRows(self.table, self.path, self._table_positions(positions))
+        return PreparedRows(self.table, self.path, self._table_positions(positions), self.held)
 
 
 class Damaged(Exception):
@@ -108,6 +111,7 @@ def read(directory: Path, key: str) -> tuple[dict, PreparedRows] | None:
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        held = storage.hold(arrow_path)  # before mapping it: a build that runs meanwhile leaves it alone
         reader = pa.ipc.open_stream(pa.memory_map(str(arrow_path)))
         table = reader.read_all()
         table.validate()
@@ -117,7 +121,7 @@ def read(directory: Path, key: str) -> tuple[dict, PreparedRows] | None:
         raise Damaged("its columns are not the ones this dpo-lean writes")
     if not isinstance(meta, dict) or meta.get("digest") != key or meta.get("rows_kept") != table.num_rows:
         raise Damaged(f"{meta_path.name} does not describe {arrow_path.name}")
-    return meta, PreparedRows(table, arrow_path)
+    return meta, PreparedRows(table, arrow_path, held=held)
 
 
 def skips_of(meta: dict) -> list[Skip]:
@@ -173,7 +177,7 @@ def to_batch(rows: list[TokenizedRow]) -> pa.RecordBatch:
 def write(directory: Path, key: str, batches: Iterable[tuple[pa.RecordBatch, list[Skip]]],
           metadata: Callable[[], dict]) -> dict:
     """Write the batches (in row_index order), then ``metadata()`` (known once they are through), crash-safe; remove
-    stale prepared data of the same dataset."""
+    stale prepared data of the same dataset that no live process holds."""
     skips, kept = [], 0
 
     def stream(tmp: Path) -> None:
@@ -193,6 +197,5 @@ def write(directory: Path, key: str, batches: Iterable[tuple[pa.RecordBatch, lis
             "skips": [[s.row_index, s.source, s.reason, s.detail] for s in sorted(skips, key=lambda s: s.row_index)]}
     storage.atomic_write_text(directory / f"{key}.json", json.dumps(meta) + "\n")  # \u escapes keep lone surrogates
     for old, _ in stale:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".arrow").unlink(missing_ok=True)
+        storage.remove_unless_held(old.with_suffix(".arrow"), old)
     return meta

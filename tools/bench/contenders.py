@@ -26,7 +26,8 @@ def cuda() -> bool:
 def summarise_steps(record: dict, warmup: int) -> dict:
     secs, toks = record["step_seconds"][warmup:], record["step_tokens"][warmup:]
     return {"step_seconds": statistics.median(secs), "tokens_per_second": sum(toks) / sum(secs),
-            "peak_gb": record["peak_gb"], "start_gb": record["start_gb"], "steps": len(secs)}
+            "peak_gb": record["peak_gb"], "reserved_gb": record["reserved_gb"], "start_gb": record["start_gb"],
+            "steps": len(secs)}
 
 
 def _config(raw: dict):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from dpo_lean.measure import current_memory_gb, peak_memory_gb, reset_peak
+from dpo_lean.measure import current_memory_gb, peak_memory_gb, peak_reserved_gb, reset_peak
 
 
 def measured_device():
@@ -35,7 +35,7 @@ def instrument_trainer(sequential: bool) -> dict:
     import torch
     import transformers
 
-    record = {"step_seconds": [], "step_tokens": [], "peak_gb": None, "start_gb": None}
+    record = {"step_seconds": [], "step_tokens": [], "peak_gb": None, "reserved_gb": None, "start_gb": None}
     tokens = [0]
 
     class StepTimer(transformers.TrainerCallback):
@@ -56,6 +56,7 @@ def instrument_trainer(sequential: bool) -> dict:
 
         def on_train_end(self, args, state, control, **kw):
             record["peak_gb"] = peak_memory_gb(measured_device())
+            record["reserved_gb"] = peak_reserved_gb(measured_device())  # None on CPU
 
     init, step = transformers.Trainer.__init__, transformers.Trainer.training_step
 

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from bench.contenders import LORA, cuda, dataset_tokens
-from bench.tables import print_table, ratio
+from bench.tables import print_table, ratio, reserved_column
 from bench.worker import spawn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,16 +68,18 @@ def run_train_bench(args, tmp: Path, model: str, data: str, label: str) -> dict:
     print(f"\ntokens of the {args.rows} pairs: {two:,} as two sequences per pair, {shared:,} as one shared sequence "
           f"per pair ({shared / two:.2f}; the prompt is {2 * (two - shared) / two:.0%} of the two-sequence tokens)")
     rows = []
+    reserved_header, reserved = reserved_column(results)
     for name, r in results.items():
         if "error" in r:
-            rows.append((name, "failed: " + r["error"], "", "", "", "", ""))
+            rows.append((name, "failed: " + r["error"], *[""] * (5 + len(reserved_header))))
             continue
-        rows.append((name, f"{r['peak_gb']:.2f}", f"{r['step_seconds']:.3f}", f"{r['tokens_per_second']:,.0f}",
-                     ratio(r["peak_gb"], base.get("peak_gb")), ratio(r["step_seconds"], base.get("step_seconds")),
+        rows.append((name, f"{r['peak_gb']:.2f}", *reserved(r), f"{r['step_seconds']:.3f}",
+                     f"{r['tokens_per_second']:,.0f}", ratio(r["peak_gb"], base.get("peak_gb")),
+                     ratio(r["step_seconds"], base.get("step_seconds")),
                      ratio(r["tokens_per_second"], base.get("tokens_per_second"))))
     print_table(f"train, {label}: peak memory and median step time ({args.steps} steps after {args.warmup} warm-up)",
-                 rows, ("contender", "peak GB", "step s", "tokens/s", "peak / dpo-lean", "step / dpo-lean",
-                        "tokens/s / dpo-lean"))
+                 rows, ("contender", "peak GB", *reserved_header, "step s", "tokens/s", "peak / dpo-lean",
+                        "step / dpo-lean", "tokens/s / dpo-lean"))
     return results
 
 
@@ -91,15 +93,16 @@ def run_precompute_bench(args, tmp: Path, model: str, data: str, label: str) -> 
     results = {name: _median_pass(runs) for name, runs in passes.items()}
     base = results["dpo-lean"]
     rows = []
+    reserved_header, reserved = reserved_column(results)
     for name, r in results.items():
         if "error" in r:
-            rows.append((name, "failed: " + r["error"], "", "", ""))
+            rows.append((name, "failed: " + r["error"], *[""] * (3 + len(reserved_header))))
             continue
         tps = r["tokens"] / r["seconds"]
-        rows.append((name, f"{r['peak_gb']:.2f}", f"{tps:,.0f}", ratio(r["peak_gb"], base.get("peak_gb")),
+        rows.append((name, f"{r['peak_gb']:.2f}", *reserved(r), f"{tps:,.0f}", ratio(r["peak_gb"], base.get("peak_gb")),
                      ratio(base["tokens"] / base["seconds"], tps)))
     print_table(f"precompute, {label}: peak memory and median tokens/s of {args.passes} passes", rows,
-                 ("contender", "peak GB", "tokens/s", "peak / dpo-lean", "dpo-lean tokens/s / this"))
+                 ("contender", "peak GB", *reserved_header, "tokens/s", "peak / dpo-lean", "dpo-lean tokens/s / this"))
     return results
 
 
@@ -108,5 +111,6 @@ def _median_pass(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
     if len(ok) < len(runs):
         return next(r for r in runs if "error" in r)
+    reserved = [r["reserved_gb"] for r in ok if r.get("reserved_gb") is not None]
     return {"seconds": statistics.median(r["seconds"] for r in ok), "tokens": ok[0]["tokens"],
-            "peak_gb": max(r["peak_gb"] for r in ok)}
+            "peak_gb": max(r["peak_gb"] for r in ok), "reserved_gb": max(reserved) if reserved else None}

@@ -30,6 +30,15 @@ def print_table(title: str, rows: list[tuple], header: tuple) -> None:
         print("| " + " | ".join(row) + " |")
 
 
+def reserved_column(results: dict):
+    """(header, cells of one result) of the "reserved GB" column (CUDA's caching allocator peak): there when some
+    result has the figure (on a GPU), left out on CPU, where peak GB is the resident set size and already counts
+    everything the process holds."""
+    if not any(r.get("reserved_gb") is not None for r in results.values()):
+        return (), lambda r: ()
+    return ("reserved GB",), lambda r: (f"{r['reserved_gb']:.2f}" if r.get("reserved_gb") is not None else "",)
+
+
 def ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a is not None and b else ""
 

@@ -32,11 +32,12 @@ def worker(name: str, raw: dict, warmup: int) -> None:
     os.environ["TQDM_DISABLE"] = "1"
     from bench.contenders import WORKERS
     from bench.patches import measured_device
-    from dpo_lean.measure import peak_memory_gb
+    from dpo_lean.measure import peak_memory_gb, peak_reserved_gb
 
     result = WORKERS[name](raw, warmup)
     if result.get("peak_gb") is None:
         result["peak_gb"] = peak_memory_gb(measured_device())
+        result["reserved_gb"] = peak_reserved_gb(measured_device())  # CUDA's caching allocator; None on CPU
     print("RESULT " + json.dumps(result), flush=True)
 
 
