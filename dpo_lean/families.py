@@ -1,0 +1,84 @@
+"""Model families: what each needs so that dpo-lean scores it as transformers does, read from its config.
+
+    model_config(config, name, key)   # config.json (AutoConfig, no weights): a family dpo-lean cannot train is
+                                      # refused here, before any model loads
+    attention_implementation(...)     # the attention kernel: eager for attention softcapping (Gemma 2)
+    disable_dropout(model)            # every training-only noise off, modules and config values alike
+
+modeling.defer_output_head handles the output head's own post-processing (logit scales, final-logit softcapping).
+docs/models.md lists the families and their status; tests/test_families.py checks each on a tiny model.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .config import Config
+from .errors import DpoLeanError
+
+ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager",
+                        "fa2": "flash_attention_2"}
+TRAINING_NOISE = re.compile(r"dropout|pdrop|jitter", re.IGNORECASE)  # the names training-only noise goes by
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def model_config(config: Config, name: str, key: str):
+    """The config.json of model ``name`` (named by config key ``key``), read with AutoConfig (no weights), refused in
+    one line where dpo-lean cannot train its family: an encoder-decoder model."""
+    from transformers import AutoConfig
+
+    try:
+        loaded = AutoConfig.from_pretrained(name, revision=config.model_revision, cache_dir=config.cache_dir,
+                                            trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DpoLeanError(f"config key '{key}': cannot load {name!r}: {_first_line(e)}") from None
+    if getattr(loaded, "is_encoder_decoder", False):
+        raise DpoLeanError(f"config key '{key}': {name!r} is an encoder-decoder model ({loaded.model_type}); "
+                           "dpo-lean trains decoder-only causal language models")
+    return loaded
+
+
+def attention_implementation(config: Config, loaded) -> str | None:
+    """The attention kernel to load ``loaded`` (its config) with: flash_attn's, except for a model that softcaps its
+    attention scores (Gemma 2's attn_logit_softcapping, s -> c * tanh(s / c)): auto gives it eager attention, which
+    applies the cap before adding the mask (dpo-lean's shared 4-D mask included); SDPA has no softcap (transformers
+    refuses it for Gemma 2 and raises where a softcap reaches it), so sdpa is refused; fa2 applies it in the kernel.
+    """
+    chosen = ATTN_IMPLEMENTATIONS[config.flash_attn]
+    text = loaded.get_text_config() if hasattr(loaded, "get_text_config") else loaded
+    cap = getattr(text, "attn_logit_softcapping", None)
+    if cap and chosen == "sdpa":
+        raise DpoLeanError(f"config key 'flash_attn': sdpa cannot apply {loaded.model_type}'s attention softcapping "
+                           f"(attn_logit_softcapping: {cap}); use auto or eager (eager attention applies it) or fa2")
+    return "eager" if cap and chosen is None else chosen
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout off, in whatever form the family implements it, so the policy in training mode computes what the
+    reference computed in eval mode (and the step-0 loss is ln 2):
+
+    - dropout modules (p = 0), as TRL's and LLaMA-Factory's disable_dropout do;
+    - rates a module keeps as a number and applies functionally (StarCoder2's and Seed-OSS's residual_dropout:
+      ``F.dropout(x, p=self.residual_dropout, training=self.training)``), and the configs' own, which some modules
+      read in their forward: every number in (0, 1] whose name says dropout or training noise (*dropout*, *pdrop*,
+      *jitter*: Phi's resid_pdrop, Mixtral's router_jitter_noise) is set to 0.
+
+    Runs on the base model before any adapter, so LoRA's own dropout (lora_dropout) is left as configured.
+    """
+    from transformers import PretrainedConfig
+
+    holders = list(model.modules())
+    holders += list({id(c): c for m in holders if isinstance(c := getattr(m, "config", None), PretrainedConfig)}.values())
+    for holder in holders:
+        if isinstance(holder, nn.modules.dropout._DropoutNd):
+            holder.p = 0.0
+        for name, value in list(vars(holder).items()):
+            if (TRAINING_NOISE.search(name) and isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and 0 < value <= 1):
+                setattr(holder, name, 0.0)
