@@ -111,12 +111,14 @@ def build_family(name: str, vocab_size: int, seed: int = 0):
     return model
 
 
-def write_family(name: str, directory: str | Path, seed: int = 0) -> Path:
-    """Save the tiny model of ``name`` with the fixture tokenizer to ``directory``."""
+def write_family(name: str, directory: str | Path, seed: int = 0, tokenizer: str | Path = FIXTURE_TOKENIZER,
+                 spare_tokens: int = 0) -> Path:
+    """Save the tiny model of ``name`` with ``tokenizer`` (the fixture's by default) to ``directory``;
+    ``spare_tokens`` rows of embedding past the tokenizer (for the tokens a template's fix-ups add)."""
     from transformers import AutoTokenizer
 
     directory = Path(directory)
-    tokenizer = AutoTokenizer.from_pretrained(FIXTURE_TOKENIZER)
-    tokenizer.save_pretrained(directory)
-    build_family(name, len(tokenizer), seed).save_pretrained(directory)
+    loaded = AutoTokenizer.from_pretrained(tokenizer)
+    loaded.save_pretrained(directory)
+    build_family(name, len(loaded) + spare_tokens, seed).save_pretrained(directory)
     return directory

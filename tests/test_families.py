@@ -1,0 +1,136 @@
+"""Every model family LLaMA-Factory users bring, on a tiny model of its own (tests/tiny_families.py: its features on,
+its logits far from uniform), precomputes and trains right:
+
+- precompute (the command, 4-bit) equals a float64 full-logits forward of the same weights (NF4 dequantised into a
+  float64 copy of the model, its own softcapping and scaling included), and so does the shared layout;
+- a family whose layers a mask cannot steer (linear attention, convolutions) refuses prefix_sharing: true with its
+  reason, and auto falls back to two sequences;
+- the first training loss is ln 2 (the policy starts where the reference is), and two steps train.
+
+Each family's model is written and precomputed once (a module fixture), and its float64 values computed once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import yaml
+from conftest import FIXTURES
+from float64_reference import completion_logp, float64_model
+from make_fixtures import fixture_config
+from test_cli import invoke
+from tiny_families import FAMILIES, build_family, write_family
+
+from dpo_lean import cache, modeling
+from dpo_lean.config import from_dict
+from dpo_lean.data.pipeline import prepare_data
+from dpo_lean.errors import DpoLeanError
+from dpo_lean.layout import Sharing, WindowLayout, collate, prefix_sharing, shared_mask_dtype, window_layout
+from dpo_lean.logprobs import batch_logps
+
+ROWS = 8
+NO_SHARED_MASK = {"qwen3_5_text": "linear_attention", "lfm2": "conv"}  # layer types a mask cannot steer
+RELATIVE = 2e-5  # float32 (4-bit dequantised, CPU) from float64: measured up to ~1e-6
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, raw config, the cache's values by row, the float64 values by row) for one family, precomputed."""
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    raw = {**fixture_config(FIXTURES), "model_name_or_path": str(write_family(name, root / "model")),
+           "output_dir": str(root / "out"), "ref_cache_dir": str(root / "ref_cache"), "max_samples": ROWS,
+           "cutoff_len": 64, "per_device_train_batch_size": 2, "max_steps": 2, "logging_steps": 1,
+           "learning_rate": 1e-3, "save_strategy": "no", "plot_loss": False}
+    (root / "config.yaml").write_text(yaml.safe_dump(raw))
+    result = invoke("precompute", root / "config.yaml")
+    assert result.exit_code == 0, result.output
+    table = cache.scan(root / "ref_cache").table.to_pydict()
+    cached = {i: (c, r) for i, c, r in zip(table["row_index"], table["ref_chosen_logps"], table["ref_rejected_logps"])}
+    config = from_dict(raw)
+    model = modeling.prepare_reference(config)
+    plain = float64_model(model, raw["model_name_or_path"])
+    rows = prepare_data(config, modeling.load_tokenizer(config)).rows
+    expected = {r.row_index: (completion_logp(plain, r.prompt_ids, r.chosen_ids),
+                              completion_logp(plain, r.prompt_ids, r.rejected_ids)) for r in rows}
+    return name, root, config, model, rows, cached, expected
+
+
+def _assert_close(ours: dict, expected: dict):
+    assert set(ours) == set(expected)
+    for row, values in expected.items():
+        for a, b in zip(ours[row], values):
+            assert abs(a - b) <= RELATIVE * abs(b) + 1e-5, (row, a, b)
+
+
+def test_precompute_equals_a_float64_forward(family):
+    _, _, _, _, _, cached, expected = family
+    _assert_close(cached, expected)
+
+
+def test_shared_layout_equals_a_float64_forward_or_is_refused_with_its_reason(family):
+    name, _, config, model, rows, _, expected = family
+    layout = window_layout(model)
+    if name in NO_SHARED_MASK:
+        assert isinstance(layout, str) and NO_SHARED_MASK[name] in layout
+        with pytest.raises(DpoLeanError, match=f"cannot use the shared layout.*{NO_SHARED_MASK[name]}"):
+            prefix_sharing(dataclasses.replace(config, prefix_sharing=True), model, torch.float32)
+        with pytest.warns(UserWarning, match="run as two sequences"):
+            assert prefix_sharing(config, model, torch.float32) is None
+        return
+    assert isinstance(layout, WindowLayout)
+    sharing = Sharing(shared_mask_dtype(model, torch.float32), 64, 128, always=True, window=layout.window,
+                      layer_types=layout.layer_types)
+    batch = collate([r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows],
+                    pad_id=0, sharing=sharing)
+    assert "position_ids" in batch  # the shared layout
+    with modeling.inference(model):
+        logps = batch_logps(model, batch).tolist()
+    _assert_close({r.row_index: (logps[i], logps[len(rows) + i]) for i, r in enumerate(rows)}, expected)
+
+
+def test_first_loss_is_ln2_and_two_steps_train(family):
+    _, root, *_ = family
+    result = invoke("train", root / "config.yaml")
+    assert result.exit_code == 0, result.output
+    assert "step 0: policy and reference cache agree" in result.output
+    history = json.loads((root / "out" / "dpo_metrics" / "log_history.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 2 and abs(losses[0] - math.log(2)) < 1e-6 and math.isfinite(losses[1])
+    assert (root / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["starcoder2", "seed_oss", "phi"])
+def test_every_dropout_is_off_in_training_mode(name):
+    """StarCoder2 and Seed-OSS apply their config's residual_dropout with F.dropout (no nn.Dropout module), Phi
+    its resid_pdrop through modules: after disable_dropout, a training-mode forward equals the eval-mode one."""
+    model = build_family(name, 200)
+    assert any(getattr(model.config, k, 0) > 0 for k in ("residual_dropout", "resid_pdrop"))
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        evaluated = model.eval()(input_ids=ids).logits
+        modeling.disable_dropout(model)
+        trained = model.train()(input_ids=ids).logits
+    torch.testing.assert_close(trained, evaluated, rtol=0, atol=0)
+
+
+def test_lowered_softcaps_reach_the_tanh_bend():
+    """The tiny Gemma 2 and 4 softcap their logits where it matters: dropping the cap changes them by far more
+    than rounding (so the float64 comparisons above would catch a cap not applied)."""
+    for name in ("gemma2", "gemma4_text"):
+        model = build_family(name, 200)
+        ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            capped = torch.log_softmax(model(input_ids=ids).logits, -1)
+            model.config.final_logit_softcapping = None
+            raw = torch.log_softmax(model(input_ids=ids).logits, -1)
+        assert (capped - raw).abs().max() > 1.0, name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert build_family("gemma2", 200).config.attn_logit_softcapping == 3.0
