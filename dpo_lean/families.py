@@ -4,6 +4,7 @@
                                       # refused here, before any model loads
     attention_implementation(...)     # the attention kernel: eager for attention softcapping (Gemma 2)
     disable_dropout(model)            # every training-only noise off, modules and config values alike
+    no_router_loss(model)             # an MoE's router loss off: it never joins the DPO loss (as in LF)
 
 modeling.defer_output_head handles the output head's own post-processing (logit scales, final-logit softcapping).
 docs/models.md lists the families and their status; tests/test_families.py checks each on a tiny model.
@@ -59,6 +60,24 @@ def attention_implementation(config: Config, loaded) -> str | None:
     return "eager" if cap and chosen is None else chosen
 
 
+def held_configs(model: nn.Module) -> list:
+    """Every config object the model's modules hold (the model's, a text config, ...), each once."""
+    from transformers import PretrainedConfig
+
+    found = {id(c): c for m in model.modules() if isinstance(c := getattr(m, "config", None), PretrainedConfig)}
+    return list(found.values())
+
+
+def no_router_loss(model: nn.Module) -> None:
+    """A mixture-of-experts model's router logits and auxiliary loss off (output_router_logits: false in every
+    config). The router loss never joins the DPO loss (as in LLaMA-Factory's DPO trainer, which reads only the
+    logits), so computing it only costs time; and transformers' load-balancing loss reads the attention mask as
+    [batch, seq], which the shared layout's 4-D mask is not."""
+    for config in held_configs(model):
+        if getattr(config, "output_router_logits", False):
+            config.output_router_logits = False
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Every dropout off, in whatever form the family implements it, so the policy in training mode computes what the
     reference computed in eval mode (and the step-0 loss is ln 2):
@@ -71,10 +90,7 @@ def disable_dropout(model: nn.Module) -> None:
 
     Runs on the base model before any adapter, so LoRA's own dropout (lora_dropout) is left as configured.
     """
-    from transformers import PretrainedConfig
-
-    holders = list(model.modules())
-    holders += list({id(c): c for m in holders if isinstance(c := getattr(m, "config", None), PretrainedConfig)}.values())
+    holders = list(model.modules()) + held_configs(model)
     for holder in holders:
         if isinstance(holder, nn.modules.dropout._DropoutNd):
             holder.p = 0.0

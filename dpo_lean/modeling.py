@@ -18,7 +18,7 @@ from . import adapters, launch
 from .config import Config
 from .data.templates import prepare_tokenizer
 from .errors import DpoLeanError
-from .families import attention_implementation, disable_dropout, model_config
+from .families import attention_implementation, disable_dropout, held_configs, model_config, no_router_loss
 from .fingerprint import model_fingerprint
 
 
@@ -82,7 +82,8 @@ def base_weights(config: Config, reference: bool = False) -> tuple[str, str, boo
 
 
 def load_base_model(config: Config, reference: bool = False):
-    """The base model as the config describes it, frozen, dropout off, 4-bit layers pinned to the training kernel.
+    """The base model as the config describes it, frozen, dropout and router loss off, 4-bit layers pinned to the
+    training kernel.
 
     ``reference=True``: the reference's base instead (:func:`base_weights`); with ref_precision "base" and no
     ref_model that is exactly the policy's base. Its config.json is read first (families.model_config), so a family
@@ -111,6 +112,7 @@ def load_base_model(config: Config, reference: bool = False):
         raise DpoLeanError(f"config key '{key}': cannot load {name!r}: {msg}{hint}") from None
     model.requires_grad_(False)
     disable_dropout(model)
+    no_router_loss(model)
     keep_4bit_on_training_kernel(model)
     return model
 
@@ -157,13 +159,6 @@ class DeferredHead(nn.Module):
 LOGIT_SCALES = ("logit_scale", "logits_scaling")  # Cohere's multiplier of the logits, Granite's divisor
 
 
-def _configs(model) -> list:
-    """The model's config and its text config, where they differ (a multimodal wrapper's)."""
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return [config] if text is config else [config, text]
-
-
 def defer_output_head(model) -> None:
     """Make ``model(...).logits`` the final hidden states, so no [batch, seq, vocab] tensor is built.
 
@@ -185,7 +180,7 @@ def defer_output_head(model) -> None:
         raise DpoLeanError(f"model {name!r}: its output head is quantised ({type(head).__name__}, "
                            f"{getattr(weight, 'dtype', None)} weights); dpo-lean computes log-probs from a float head: "
                            "keep lm_head out of quantisation (as bitsandbytes does by default)")
-    configs = _configs(model)
+    configs = held_configs(model)
     scale = next((f"{k}: {v}" for c in configs for k in LOGIT_SCALES if (v := getattr(c, k, None)) not in (None, 1)),
                  None)
     if scale and head.bias is not None:

@@ -34,6 +34,7 @@ from dpo_lean.layout import Sharing, WindowLayout, collate, prefix_sharing, shar
 from dpo_lean.logprobs import batch_logps
 
 ROWS = 8
+MOE = {"mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"}
 NO_SHARED_MASK = {"qwen3_5_text": "linear_attention", "lfm2": "conv"}  # layer types a mask cannot steer
 RELATIVE = 2e-5  # float32 (4-bit dequantised, CPU) from float64: measured up to ~1e-6
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,6 +49,8 @@ def family(request, tmp_path_factory):
            "output_dir": str(root / "out"), "ref_cache_dir": str(root / "ref_cache"), "max_samples": ROWS,
            "cutoff_len": 64, "per_device_train_batch_size": 2, "max_steps": 2, "logging_steps": 1,
            "learning_rate": 1e-3, "save_strategy": "no", "plot_loss": False}
+    if name in MOE:  # accepted, and like LLaMA-Factory's DPO no router loss joins the DPO loss (step 0 stays ln 2)
+        raw["moe_aux_loss_coef"] = 0.01
     (root / "config.yaml").write_text(yaml.safe_dump(raw))
     result = invoke("precompute", root / "config.yaml")
     assert result.exit_code == 0, result.output
@@ -134,3 +137,42 @@ def test_lowered_softcaps_reach_the_tanh_bend():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert build_family("gemma2", 200).config.attn_logit_softcapping == 3.0
+
+
+def test_a_family_dpo_lean_cannot_train_is_refused_before_any_weights_load(tiny_config, tmp_path):
+    """An encoder-decoder model is refused from its config.json alone (the folder holds no weights at all)."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("t5", d_model=32, num_layers=1, num_heads=2, d_kv=16, d_ff=64).save_pretrained(tmp_path)
+    with pytest.raises(DpoLeanError) as err:
+        modeling.load_base_model(tiny_config(copy_cache=False, model_name_or_path=str(tmp_path)))
+    assert "is an encoder-decoder model (t5)" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text"])
+def test_attention_softcapping_gets_eager_attention_and_sdpa_is_refused(name, tiny_config):
+    """SDPA has no softcap: auto loads a model with attn_logit_softcapping (Gemma 2's; Gemma 3's when a config sets
+    it) with eager attention, which applies it; flash_attn: sdpa is refused in one line before loading."""
+    from dpo_lean.families import attention_implementation
+
+    capped = build_family(name, 64).config
+    capped.attn_logit_softcapping = 3.0
+    assert attention_implementation(tiny_config(copy_cache=False), capped) == "eager"
+    assert attention_implementation(tiny_config(copy_cache=False, flash_attn="fa2"), capped) == "flash_attention_2"
+    with pytest.raises(DpoLeanError, match="'flash_attn': sdpa cannot apply .* softcapping .*attn_logit_softcapping: 3.0"):
+        attention_implementation(tiny_config(copy_cache=False, flash_attn="sdpa"), capped)
+    capped.attn_logit_softcapping = None
+    assert attention_implementation(tiny_config(copy_cache=False), capped) is None  # transformers' own choice
+
+
+def test_a_logit_scale_after_a_biased_head_is_refused():
+    """A logit scale commutes with a bias-free head only: scaling the hidden states would miss the bias."""
+    model = build_family("cohere", 64)
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    model.set_output_embeddings(biased)
+    with pytest.raises(DpoLeanError, match=r"scales its logits \(logit_scale: 0.0625\) after a biased output head"):
+        modeling.defer_output_head(model)
+    model.config.logit_scale = 1.0
+    modeling.defer_output_head(model)
+    assert model.get_output_embeddings().head is biased

@@ -29,8 +29,9 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("untied head, MLP bias", dict(mlp_bias=True, tie_word_embeddings=False)),
     "mistral": ("sliding window on every layer", dict(sliding_window=WINDOW, tie_word_embeddings=False)),
-    "mixtral": ("MoE router (4 experts, top 2), sliding window",
-                dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW, router_jitter_noise=0.0)),
+    "mixtral": ("MoE router (4 experts, top 2; router logits out, as LF's moe_aux_loss_coef sets), sliding window",
+                dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW, router_jitter_noise=0.0,
+                     output_router_logits=True, router_aux_loss_coef=0.02)),
     "qwen2": ("q/k/v biases, sliding window past layer 1", dict(use_sliding_window=True, sliding_window=WINDOW,
                                                                   max_window_layers=1, tie_word_embeddings=True)),
     "qwen3": ("qk-norm, tied head", dict(tie_word_embeddings=True)),
