@@ -21,7 +21,7 @@ from .errors import DpoLeanError
 
 ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager",
                         "fa2": "flash_attention_2"}
-TRAINING_NOISE = re.compile(r"dropout|pdrop|jitter", re.IGNORECASE)  # the names training-only noise goes by
+TRAINING_NOISE = re.compile(r"dropout|pdrop|drop_path|jitter", re.IGNORECASE)  # the names training-only noise goes by
 
 
 def _first_line(e: Exception) -> str:
@@ -86,7 +86,7 @@ def disable_dropout(model: nn.Module) -> None:
     - rates a module keeps as a number and applies functionally (StarCoder2's and Seed-OSS's residual_dropout:
       ``F.dropout(x, p=self.residual_dropout, training=self.training)``), and the configs' own, which some modules
       read in their forward: every number in (0, 1] whose name says dropout or training noise (*dropout*, *pdrop*,
-      *jitter*: Phi's resid_pdrop, Mixtral's router_jitter_noise) is set to 0.
+      *drop_path*, *jitter*: Phi's resid_pdrop, Mixtral's router_jitter_noise) is set to 0.
 
     Runs on the base model before any adapter, so LoRA's own dropout (lora_dropout) is left as configured.
     """

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import adapters, modeling
+from . import adapters, launch, modeling
 from .config import Config
 from .errors import DpoLeanError
 from .layout import model_tolerance
@@ -36,6 +36,8 @@ class StartCheck:
         if not (config.needs_reference and modeling.reference_is_start(config)):
             return None
         if config.lora_dropout and adapters.start_stack(config).top:
+            launch.say(f"step 0: not checked against the cache: lora_dropout {config.lora_dropout} on the continued "
+                       "adapter makes the first step's policy differ from the reference by design")
             return None
         return cls(modeling.compute_dtype(config, modeling.device()))
 

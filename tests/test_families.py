@@ -30,6 +30,7 @@ from dpo_lean import cache, modeling
 from dpo_lean.config import from_dict
 from dpo_lean.data.pipeline import prepare_data
 from dpo_lean.errors import DpoLeanError
+from dpo_lean.families import disable_dropout
 from dpo_lean.layout import Sharing, WindowLayout, collate, prefix_sharing, shared_mask_dtype, window_layout
 from dpo_lean.logprobs import batch_logps
 
@@ -109,16 +110,18 @@ def test_first_loss_is_ln2_and_two_steps_train(family):
     assert (root / "out" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", ["starcoder2", "seed_oss", "phi"])
-def test_every_dropout_is_off_in_training_mode(name):
-    """StarCoder2 and Seed-OSS apply their config's residual_dropout with F.dropout (no nn.Dropout module), Phi
-    its resid_pdrop through modules: after disable_dropout, a training-mode forward equals the eval-mode one."""
-    model = build_family(name, 200)
-    assert any(getattr(model.config, k, 0) > 0 for k in ("residual_dropout", "resid_pdrop"))
+@pytest.mark.parametrize(("name", "noise"), [("starcoder2", "residual_dropout"), ("seed_oss", "residual_dropout"),
+                                           ("phi", "resid_pdrop"), ("mixtral", "router_jitter_noise")])
+def test_every_dropout_is_off_in_training_mode(name, noise):
+    """StarCoder2 and Seed-OSS apply their config's residual_dropout with F.dropout (no nn.Dropout module), Phi its
+    resid_pdrop through modules, Mixtral jitters its router's input in training: after disable_dropout, a
+    training-mode forward equals the eval-mode one."""
+    model = build_family(name, 200, **{noise: 0.1})
     ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         evaluated = model.eval()(input_ids=ids).logits
-        modeling.disable_dropout(model)
+        assert not torch.equal(model.train()(input_ids=ids).logits, evaluated)  # the noise is on
+        disable_dropout(model)
         trained = model.train()(input_ids=ids).logits
     torch.testing.assert_close(trained, evaluated, rtol=0, atol=0)
 

@@ -86,22 +86,23 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
-def family_config(name: str, vocab_size: int):
+def family_config(name: str, vocab_size: int, **overrides):
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(name, **{**BASE, "vocab_size": vocab_size, **FAMILIES[name][1]})
+    config = AutoConfig.for_model(name, **{**BASE, "vocab_size": vocab_size, **FAMILIES[name][1], **overrides})
     if name == "gemma4_text":
         config.vocab_size_per_layer_input = vocab_size
     return config
 
 
 @torch.no_grad()
-def build_family(name: str, vocab_size: int, seed: int = 0):
-    """The tiny model of family ``name`` (random weights, seeded), its head scaled to logits of rms ~LOGIT_RMS."""
+def build_family(name: str, vocab_size: int, seed: int = 0, **overrides):
+    """The tiny model of family ``name`` (random weights, seeded), its head scaled to logits of rms ~LOGIT_RMS;
+    ``overrides``: config values to change."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(name, vocab_size), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(family_config(name, vocab_size, **overrides), dtype=torch.float32)
     model.eval()
     ids = torch.randint(3, vocab_size, (1, 24), generator=torch.Generator().manual_seed(seed))
     rms = model(input_ids=ids).logits.pow(2).mean().sqrt().item()
