@@ -78,8 +78,13 @@ def test_precompute_equals_a_float64_forward(family):
     _assert_close(cached, expected)
 
 
-def test_shared_layout_equals_a_float64_forward_or_is_refused_with_its_reason(family):
+def test_both_layouts_equal_a_float64_forward_or_sharing_is_refused_with_its_reason(family):
+    """Two sequences per pair, and the shared [prompt | chosen | rejected] row under its 4-D mask (windowed per layer
+    type), score as float64 does; a family whose layers a mask cannot steer refuses prefix_sharing: true, naming
+    them, and auto falls back to two sequences. (Precompute took whichever layout auto chose.)"""
     name, _, config, model, rows, _, expected = family
+    ids = [r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows]
+    batches = [collate(*ids, pad_id=0)]
     layout = window_layout(model)
     if name in NO_SHARED_MASK:
         assert isinstance(layout, str) and NO_SHARED_MASK[name] in layout
@@ -87,16 +92,16 @@ def test_shared_layout_equals_a_float64_forward_or_is_refused_with_its_reason(fa
             prefix_sharing(dataclasses.replace(config, prefix_sharing=True), model, torch.float32)
         with pytest.warns(UserWarning, match="run as two sequences"):
             assert prefix_sharing(config, model, torch.float32) is None
-        return
-    assert isinstance(layout, WindowLayout)
-    sharing = Sharing(shared_mask_dtype(model, torch.float32), 64, 128, always=True, window=layout.window,
-                      layer_types=layout.layer_types)
-    batch = collate([r.prompt_ids for r in rows], [r.chosen_ids for r in rows], [r.rejected_ids for r in rows],
-                    pad_id=0, sharing=sharing)
-    assert "position_ids" in batch  # the shared layout
-    with modeling.inference(model):
-        logps = batch_logps(model, batch).tolist()
-    _assert_close({r.row_index: (logps[i], logps[len(rows) + i]) for i, r in enumerate(rows)}, expected)
+    else:
+        assert isinstance(layout, WindowLayout)
+        sharing = Sharing(shared_mask_dtype(model, torch.float32), 64, 128, always=True, window=layout.window,
+                          layer_types=layout.layer_types)
+        batches.append(collate(*ids, pad_id=0, sharing=sharing))
+        assert "position_ids" in batches[-1]  # the shared layout
+    for batch in batches:
+        with modeling.inference(model):
+            logps = batch_logps(model, batch).tolist()
+        _assert_close({r.row_index: (logps[i], logps[len(rows) + i]) for i, r in enumerate(rows)}, expected)
 
 
 def test_first_loss_is_ln2_and_two_steps_train(family):
