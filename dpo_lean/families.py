@@ -21,7 +21,7 @@ from .errors import DpoLeanError
 
 ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager",
                         "fa2": "flash_attention_2"}
-TRAINING_NOISE = re.compile(r"dropout|pdrop|drop_path|jitter", re.IGNORECASE)  # the names training-only noise goes by
+TRAINING_NOISE = re.compile(r"dropout|pdrop|drop_path", re.IGNORECASE)  # the names dropout rates go by
 
 
 def _first_line(e: Exception) -> str:
@@ -85,8 +85,11 @@ def disable_dropout(model: nn.Module) -> None:
     - dropout modules (p = 0), as TRL's and LLaMA-Factory's disable_dropout do;
     - rates a module keeps as a number and applies functionally (StarCoder2's and Seed-OSS's residual_dropout:
       ``F.dropout(x, p=self.residual_dropout, training=self.training)``), and the configs' own, which some modules
-      read in their forward: every number in (0, 1] whose name says dropout or training noise (*dropout*, *pdrop*,
-      *drop_path*, *jitter*: Phi's resid_pdrop, Mixtral's router_jitter_noise) is set to 0.
+      read in their forward: every number in (0, 1] whose name says dropout (*dropout*, *pdrop*, *drop_path*:
+      Phi's resid_pdrop) is set to 0. A dropout rate means nothing outside training, so this leaves the model's
+      function (the reference's) as it is. Other names are left alone: a "jitter" is training noise in Mixtral's
+      router but an epsilon of Phi-MoE's routing in eval too; training-only noise left on is what the step-0 check
+      (step_zero.py) stops.
 
     Runs on the base model before any adapter, so LoRA's own dropout (lora_dropout) is left as configured.
     """
@@ -98,3 +101,16 @@ def disable_dropout(model: nn.Module) -> None:
             if (TRAINING_NOISE.search(name) and isinstance(value, (int, float)) and not isinstance(value, bool)
                     and 0 < value <= 1):
                 setattr(holder, name, 0.0)
+
+
+def check_quantised(model: nn.Module, key: str) -> None:
+    """A 4-bit load must have quantised something: transformers' bitsandbytes integration replaces modules whose class
+    is exactly nn.Linear, so a family whose linear layers subclass it (Falcon's FalconLinear) would load unquantised,
+    in full precision, without a word. That is refused in one line."""
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        return
+    kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear)} - {"Linear"})
+    raise DpoLeanError(f"config key 'quantization_bit': 4, but transformers quantised none of "
+                       f"{model.config.model_type!r}'s layers (its linear layers are {', '.join(kinds) or 'not nn.Linear'}, "
+                       f"which its bitsandbytes integration leaves as they are); set quantization_bit: null to train "
+                       f"{key}'s model unquantised")

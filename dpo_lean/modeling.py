@@ -18,7 +18,7 @@ from . import adapters, launch
 from .config import Config
 from .data.templates import prepare_tokenizer
 from .errors import DpoLeanError
-from .families import attention_implementation, disable_dropout, held_configs, model_config, no_router_loss
+from .families import attention_implementation, check_quantised, disable_dropout, held_configs, model_config, no_router_loss
 from .fingerprint import model_fingerprint
 
 
@@ -110,6 +110,8 @@ def load_base_model(config: Config, reference: bool = False):
         hint = (" (set use_safetensors_only: false only if you trust its pickle weights)"
                 if "safetensors" in msg.lower() else "")
         raise DpoLeanError(f"config key '{key}': cannot load {name!r}: {msg}{hint}") from None
+    if quantized:
+        check_quantised(model, key)
     model.requires_grad_(False)
     disable_dropout(model)
     no_router_loss(model)
@@ -229,8 +231,10 @@ def prepare_policy(config: Config):
 def _new_lora(config: Config, base):
     from peft import LoraConfig, get_peft_model
 
+    targets = config.lora_target_modules
+    targets = sorted(adapters.linear_names(base)) if targets == "all-linear" else targets
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(config.seed)  # LoRA A init
     try:
         with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing

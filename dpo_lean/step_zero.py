@@ -17,8 +17,8 @@ from .config import Config
 from .errors import DpoLeanError
 from .layout import model_tolerance
 
-CAUSES = ("a dropout the model applies in training (a family's own, e.g. a config's residual_dropout), another "
-          "template or tokenizer, another dtype or quantisation, or other adapters than precompute's")
+CAUSES = ("a dropout or other noise the model applies in training only (e.g. a config's router_jitter_noise), "
+          "another template or tokenizer, another dtype or quantisation, or other adapters than precompute's")
 
 
 @dataclass

@@ -116,11 +116,11 @@ def test_first_loss_is_ln2_and_two_steps_train(family):
 
 
 @pytest.mark.parametrize(("name", "noise"), [("starcoder2", "residual_dropout"), ("seed_oss", "residual_dropout"),
-                                           ("phi", "resid_pdrop"), ("mixtral", "router_jitter_noise")])
+                                           ("phi", "resid_pdrop"), ("gpt_neox", "hidden_dropout")])
 def test_every_dropout_is_off_in_training_mode(name, noise):
     """StarCoder2 and Seed-OSS apply their config's residual_dropout with F.dropout (no nn.Dropout module), Phi its
-    resid_pdrop through modules, Mixtral jitters its router's input in training: after disable_dropout, a
-    training-mode forward equals the eval-mode one."""
+    resid_pdrop and GPT-NeoX its hidden_dropout through modules: after disable_dropout, a training-mode forward
+    equals the eval-mode one."""
     model = build_family(name, 200, **{noise: 0.1})
     ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -184,3 +184,21 @@ def test_a_logit_scale_after_a_biased_head_is_refused():
     model.config.logit_scale = 1.0
     modeling.defer_output_head(model)
     assert model.get_output_embeddings().head is biased
+
+
+def test_a_4bit_load_that_quantises_nothing_is_refused(tiny_config, tmp_path):
+    """transformers quantises only exact nn.Linear modules: Falcon's FalconLinear layers would stay full precision
+    under quantization_bit: 4, silently. A one-line error instead; unquantised it loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpo_lean.tiny import build_tokenizer
+
+    config = AutoConfig.for_model("falcon", vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  new_decoder_architecture=True, num_kv_heads=2, bias=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(DpoLeanError) as err:
+        modeling.load_base_model(tiny_config(copy_cache=False, model_name_or_path=str(tmp_path)))
+    assert "quantised none of 'falcon''s layers (its linear layers are FalconLinear" in str(err.value)
+    assert "\n" not in str(err.value)
+    modeling.load_base_model(tiny_config(copy_cache=False, model_name_or_path=str(tmp_path), quantization_bit=None))
