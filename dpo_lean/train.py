@@ -46,7 +46,7 @@ class DPOLeanTrainer(Trainer):
         # (policy - reference) per pair in the first step, when the reference is not the starting point
         self.step0: list[torch.Tensor] | None = None if modeling.reference_is_start(dpo) else []
         self.step0_logratios: dict[str, float] | None = None
-        # when it is, the first step's policy must score as the cache does, up to rounding (check_start)
+        # when it is, the first step's policy must score as the cache does, up to rounding (step_zero.py)
         self.start_check = StartCheck.for_run(dpo)
 
     @property
