@@ -266,9 +266,9 @@ def sharing_tolerance(logit_rms: torch.Tensor, num_layers: int, inner: int, dtyp
     L the decoder layers; n (``inner``) the longest inner product of a layer (the MLP's intermediate size);
     u the compute dtype's unit roundoff (eps / 2: bf16 2^-8, fp16 2^-11, fp32 2^-24), u32 float32's.
 
-    Why: both runs do the same arithmetic on every token, grouped differently (other GEMM shapes, another
-    SDPA kernel over other keys, other padding), so they differ by rounding only. A stage's matmuls accumulate in float32 (GPU
-    and CPU GEMM and SDPA kernels do) over at most n terms and round their output to the compute dtype: a
+    Why: both runs do the same arithmetic on every token, grouped differently (other GEMM shapes, another SDPA
+    kernel over other keys, other padding), so they differ by rounding only. A stage's matmuls accumulate in float32
+    (GPU and CPU GEMM and SDPA kernels do) over at most n terms and round their output to the compute dtype: a
     relative error of at most sqrt(n) u32 + u with the probabilistic bound (Higham & Mary, SIAM J. Sci. Comput.
     2019: a sum of k independent roundings stays within lambda sqrt(k) u, except with probability
     < 2 exp(-lambda^2 / 2) = 7e-4). The residual stream takes L + 1 such updates (L layers, the final norm),
