@@ -15,8 +15,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
-
 from .errors import DpoLeanError
 from .fingerprint import adapter_fingerprint
 
@@ -134,9 +132,13 @@ def _load(model, path: str, key: str, config, trainable: bool = False):
 
 
 def linear_names(model) -> set[str]:
-    """Names of the linear layers LoRA's "all" targets: every nn.Linear but the output head."""
+    """Names of the linear layers LoRA's "all" targets, as LLaMA-Factory's find_all_linear_modules finds them: every
+    module whose class name says Linear (nn.Linear, bitsandbytes' Linear4bit, ...) but the output head. A layer that
+    subclasses nn.Linear under another name is left out: Phi-MoE's and Llama 4's MoE routers, which return a tuple
+    that LoRA cannot wrap (PEFT's all-linear takes them)."""
     head = model.get_output_embeddings()
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if "Linear" in type(m).__name__ and "Embedding" not in type(m).__name__ and m is not head and name}
 
 
 def continuation_notice(config, adapter: str, peft_config, all_linear: set[str]) -> str | None:

@@ -31,7 +31,7 @@ import torch
 from . import launch
 from .config import Config
 from .errors import DpoLeanError
-from .logprobs import batch_logps
+from .logprobs import batch_logps, batch_scores
 from .modeling import autocast, batch_to, inference
 
 
@@ -257,7 +257,8 @@ def window_layout(model) -> WindowLayout | str:
 
 
 def sharing_tolerance(logit_rms: torch.Tensor, num_layers: int, inner: int, dtype: torch.dtype) -> torch.Tensor:
-    """The largest |shared - two sequences| in a completion's summed log-prob that float rounding explains:
+    """The largest difference in a completion's summed log-prob that float rounding explains, between two runs of one
+    model on the same tokens (shared layout vs two sequences; precompute's batches vs training's at step 0):
 
         tolerance = sum_t  2 * lambda * sqrt(L + 1) * (u + sqrt(n) * u32) * rms_v(z_t,v)        (lambda = 4)
 
@@ -265,9 +266,9 @@ def sharing_tolerance(logit_rms: torch.Tensor, num_layers: int, inner: int, dtyp
     L the decoder layers; n (``inner``) the longest inner product of a layer (the MLP's intermediate size);
     u the compute dtype's unit roundoff (eps / 2: bf16 2^-8, fp16 2^-11, fp32 2^-24), u32 float32's.
 
-    Why: both layouts do the same arithmetic on every token, grouped differently (other GEMM shapes, another
-    SDPA kernel over other keys), so they differ by rounding only. A stage's matmuls accumulate in float32 (GPU
-    and CPU GEMM and SDPA kernels do) over at most n terms and round their output to the compute dtype: a
+    Why: both runs do the same arithmetic on every token, grouped differently (other GEMM shapes, another SDPA
+    kernel over other keys, other padding), so they differ by rounding only. A stage's matmuls accumulate in float32
+    (GPU and CPU GEMM and SDPA kernels do) over at most n terms and round their output to the compute dtype: a
     relative error of at most sqrt(n) u32 + u with the probabilistic bound (Higham & Mary, SIAM J. Sci. Comput.
     2019: a sum of k independent roundings stays within lambda sqrt(k) u, except with probability
     < 2 exp(-lambda^2 / 2) = 7e-4). The residual stream takes L + 1 such updates (L layers, the final norm),
@@ -280,6 +281,13 @@ def sharing_tolerance(logit_rms: torch.Tensor, num_layers: int, inner: int, dtyp
     """
     u, u32 = torch.finfo(dtype).eps / 2, torch.finfo(torch.float32).eps / 2
     return 2 * CONFIDENCE * math.sqrt(num_layers + 1) * (u + math.sqrt(inner) * u32) * logit_rms
+
+
+def model_tolerance(model, logit_rms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`sharing_tolerance` for ``model`` (its depth and widest inner product, from its text config)."""
+    cfg = text_config(model)
+    inner = max(cfg.hidden_size, getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size)
+    return sharing_tolerance(logit_rms, cfg.num_hidden_layers, inner, dtype)
 
 
 @dataclass(frozen=True)
@@ -305,31 +313,17 @@ def check(model, dtype: torch.dtype, layout: WindowLayout) -> CheckResult:
                             layer_types=layout.layer_types)
     try:
         with _sliding_window(model, window), inference(model), autocast(dtype, dev):
-            two = batch_logps(model, batch_to(pairs, dev))
+            two_scores = batch_scores(model, batch_to(pairs, dev), rms=True)
             one = batch_logps(model, batch_to(shared, dev))
-            rms = _logit_rms(model, batch_to(pairs, dev))
     except Exception as e:  # any model that rejects the inputs falls back to two sequences
         return CheckResult(False, f"it rejects the shared inputs ({type(e).__name__}: {str(e).strip()[:120]})")
-    cfg = text_config(model)
-    inner = max(cfg.hidden_size, getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size)
-    tolerance = sharing_tolerance(rms, cfg.num_hidden_layers, inner, dtype)
+    two, tolerance = two_scores["logps"], model_tolerance(model, two_scores["logit_rms"], dtype)
     difference = (one - two).abs()
     figures = (f"{difference.max().item():.2e} nats at most, float rounding explains {tolerance.min().item():.2e} "
                f"({str(dtype).removeprefix('torch.')}, {len(pairs['score_targets'])} tokens)")
     if bool(torch.isfinite(one).all() and (difference <= tolerance).all()):
         return CheckResult(True, f"shared and two-sequence log-probs differ by {figures}")
     return CheckResult(False, f"its shared-layout log-probs differ from two sequences by {figures}")
-
-
-def _logit_rms(model, batch: dict) -> torch.Tensor:
-    """Per completion, the sum over its tokens of rms_v(logits): the scale rounding errors of the logits take."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-    hidden = model(**inputs, use_cache=False).logits  # the head is deferred: final hidden states
-    head = model.get_output_embeddings().head
-    flat = hidden.reshape(-1, hidden.shape[-1])[batch["score_index"]]
-    logits = (flat.to(head.weight.dtype) @ head.weight.t()).float()
-    rms = logits.pow(2).mean(dim=-1).sqrt()
-    return torch.zeros(2 * batch["num_pairs"], device=rms.device).index_add(0, batch["score_segment"], rms)
 
 
 @contextmanager

@@ -47,7 +47,6 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     **_refuse(_KERNELS, shift_attn=False, mixture_of_depths=None, use_unsloth=False, use_unsloth_gc=False,
               enable_liger_kernel=False, use_liger_kernel=False, liger_kernel_config=None, use_v1_kernels=False,
               torch_compile=False, torch_compile_backend=None, torch_compile_mode=None),
-    **_refuse("dpo-lean adds no router loss for mixture-of-experts models", moe_aux_loss_coef=None),
     **_refuse("DPO starts from trained weights", train_from_scratch=False),
     **_refuse("dpo-lean keeps layer norms and the head in the compute dtype (log-probs are float32 anyway)",
               upcast_layernorm=False, upcast_lmhead_output=False),
@@ -175,6 +174,9 @@ NO_EFFECT: dict[str, str] = {
     "low_cpu_mem_usage": "transformers always loads weights without a second copy",
     "offload_folder": "nothing is offloaded to disk",
     "print_param_status": "a debugging printout",
+    "moe_aux_loss_coef": ("LLaMA-Factory 0.9.5's DPO trainer never adds the MoE router's auxiliary loss to the DPO loss "
+                          "(its concatenated_forward reads only the logits), nor does dpo-lean: training minimises "
+                          "the preference loss alone (TRL's DPOTrainer adds it, router_aux_loss_coef)"),
     "include_effective_tokens_per_second": "tokens_per_second is always logged",
     "preprocessing_batch_size": "tokenisation batching does not change its result",
     "skip_memory_metrics": "peak_memory_gb is always logged",

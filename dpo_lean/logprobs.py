@@ -12,6 +12,12 @@ Per-token values are float32; each completion's sum is accumulated in float64 an
 cache stores it so, and the losses form policy - reference from it), since a sum over thousands of tokens is
 large and a log-ratio is the small difference of two of them.
 
+A head whose model softcaps its final logits (Gemma 2, Gemma 4: ``final_logit_softcapping`` c) is scored on
+y = c * tanh(z / c) in place of z, per chunk, in float32 (:func:`softcap_`); modeling.defer_output_head moves the
+cap from the model's forward to here. A logit scale (Cohere's ``logit_scale``, Granite's ``logits_scaling``) needs
+nothing here: the model multiplies its hidden states by it before the deferred head, the same thing for a bias-free
+head.
+
 Precompute and train both score with :func:`batch_scores` (precompute through :func:`batch_logps`),
 so the reference and the policy are scored by the same code.
 """
@@ -32,6 +38,26 @@ def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """In place: logits -> exp(logits - peak) per row; returns (peak, sum of the exps), both [rows, 1]."""
     peak = logits.amax(dim=-1, keepdim=True)
     return peak, logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+
+
+def softcap_(logits: torch.Tensor, cap: float, slope: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: z -> y = c * tanh(z / c), final-logit softcapping (as transformers' Gemma models compute it);
+    ``slope`` (same shape, optional) receives its derivative dy/dz = 1 - tanh(z / c)^2."""
+    t = logits.div_(cap).tanh_()
+    if slope is not None:
+        torch.mul(t, t, out=slope).neg_().add_(1.0)
+    return t.mul_(cap)
+
+
+def _logp_gradient_(logits: torch.Tensor, total: torch.Tensor, targets: torch.Tensor,
+                    slope: torch.Tensor | None) -> torch.Tensor:
+    """In place: exp(y - peak) -> d log p(target) / d z = (onehot(target) - softmax(y)) * dy/dz, per row.
+
+    ``logits`` holds exp(y - peak) and ``total`` its row sums (:func:`_exp_shifted_`); ``slope`` is dy/dz of a
+    softcapped head (:func:`softcap_`), None where y = z."""
+    d = logits.div_(total).neg_()  # -softmax
+    d.scatter_add_(1, targets, torch.ones_like(d[:, :1]))
+    return d.mul_(slope) if slope is not None else d
 
 
 class _Float32Logits:
@@ -77,40 +103,35 @@ class _Float32Logits:
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """token_logps[i] = log_softmax(hidden[i] @ W.T + b)[targets[i]], chunk by chunk, in float32.
+    """token_logps[i] = log_softmax(y_i)[targets[i]] with y_i = hidden[i] @ W.T + b (softcapped: c * tanh of it),
+    chunk by chunk, in float32.
 
-    d token_logp_i / d logits_i = onehot(target_i) - softmax(logits_i), so
-        d token_logp_i / d hidden_i = (onehot(target_i) - p_i) @ W          (J_i, one row of [N, H])
+    d token_logp_i / d y_i = onehot(target_i) - softmax(y_i), and dy/dz = 1 - tanh(z / c)^2 for a softcapped head
+    (1 without), so
+        d token_logp_i / d hidden_i = ((onehot(target_i) - p_i) * dy/dz_i) @ W          (J_i, one row of [N, H])
     Each token's log-prob depends on its own hidden state only, so J is computed in the forward, chunk by
     chunk while the chunk's logits exist, and the backward is grad_hidden = grad_out[:, None] * J: no
     logits are kept or recomputed, and ``hidden`` is not kept. Only when W or b need gradients (a trained
-    head) are ``hidden`` kept and each chunk's softmax recomputed in the backward.
+    head) are ``hidden`` kept and each chunk's softmax recomputed in the backward. A softcapped head keeps a
+    second [chunk, vocab] float32 buffer for dy/dz while gradients are formed.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap):
         n_total = hidden.shape[0]
-        rows = max(1, min(chunk_size, n_total))
         out = torch.empty(n_total, dtype=torch.float32, device=hidden.device)
         jacobian = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        head = _Float32Logits(weight, rows)
-        # One float32 logits buffer for all chunks, worked on in place: a fresh [chunk, vocab] tensor (and
-        # log-sum-exp's temporaries) per chunk made the pass slower than computing the full logits.
-        buffer = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen here, not by autocast
-            for s in range(0, n_total, chunk_size):
-                logits = head.logits(hidden[s:s + chunk_size], buffer[:min(chunk_size, n_total - s)], bias)
+        with _Chunks(weight, hidden, chunk_size, softcap, slopes=jacobian is not None) as chunks:
+            for s, logits, slope in chunks.logits(hidden, bias):
                 tgt = targets[s:s + chunk_size, None]
                 target_logit = logits.gather(1, tgt).squeeze(1)
                 peak, total = _exp_shifted_(logits)
                 out[s:s + chunk_size] = target_logit - (peak + total.log()).squeeze(1)
                 if jacobian is not None:
-                    d = logits.div_(total).neg_()  # -softmax
-                    d.scatter_add_(1, tgt, torch.ones_like(d[:, :1]))
-                    head.jacobian(d, jacobian[s:s + chunk_size])
+                    chunks.head.jacobian(_logp_gradient_(logits, total, tgt, slope), jacobian[s:s + chunk_size])
         trained_head = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
         ctx.save_for_backward(hidden if trained_head else None, weight, bias, targets, jacobian)
-        ctx.chunk_size, ctx.trained_head = chunk_size, trained_head
+        ctx.chunk_size, ctx.trained_head, ctx.softcap = chunk_size, trained_head, softcap
         return out
 
     @staticmethod
@@ -118,35 +139,65 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, bias, targets, jacobian = ctx.saved_tensors
         grad_h = (grad_out[:, None] * jacobian).to(jacobian.dtype) if jacobian is not None else None
         if not ctx.trained_head:
-            return grad_h, None, None, None, None
+            return grad_h, None, None, None, None, None
         need_w, need_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        rows = max(1, min(ctx.chunk_size, hidden.shape[0]))
-        head = _Float32Logits(weight, rows)
-        buffer = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, hidden.shape[0], ctx.chunk_size):
-                h = hidden[s:s + ctx.chunk_size]
-                logits = head.logits(h, buffer[:h.shape[0]], bias)
-                d = logits.div_(_exp_shifted_(logits)[1]).neg_()  # -softmax
-                d.scatter_add_(1, targets[s:s + ctx.chunk_size, None], torch.ones_like(d[:, :1]))
-                d *= grad_out[s:s + ctx.chunk_size, None]
+        size = ctx.chunk_size
+        with _Chunks(weight, hidden, size, ctx.softcap, slopes=True) as chunks:
+            for s, logits, slope in chunks.logits(hidden, bias):
+                d = _logp_gradient_(logits, _exp_shifted_(logits)[1], targets[s:s + size, None], slope)
+                d *= grad_out[s:s + size, None]
                 if need_w:
-                    grad_w.addmm_(d.t(), h.float())
+                    grad_w.addmm_(d.t(), hidden[s:s + size].float())
                 if need_b:
                     grad_b += d.sum(0)
         return (grad_h,
                 grad_w.to(weight.dtype) if need_w else None,
                 grad_b.to(bias.dtype) if need_b else None,
-                None, None)
+                None, None, None)
+
+
+class _Chunks:
+    """The chunk loop's buffers, allocated once per call: one float32 [chunk, vocab] logits buffer worked on in
+    place (a fresh tensor per chunk, and log-sum-exp's temporaries, made the pass slower than the full logits),
+    and for a softcapped head with ``slopes`` a second one for dy/dz. Autocast is off inside: dtypes are chosen
+    here."""
+
+    def __init__(self, weight: torch.Tensor, hidden: torch.Tensor, chunk_size: int, softcap: float | None,
+                 slopes: bool = False):
+        rows = max(1, min(chunk_size, hidden.shape[0]))
+        self.chunk_size, self.softcap, self.head = chunk_size, softcap, _Float32Logits(weight, rows)
+        self.buffer = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=hidden.device)
+        self.slopes = torch.empty_like(self.buffer) if softcap and slopes else None
+        self._autocast = torch.autocast(hidden.device.type, enabled=False)
+
+    def __enter__(self):
+        self._autocast.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._autocast.__exit__(*exc)
+
+    def logits(self, hidden: torch.Tensor, bias: torch.Tensor | None):
+        """(start, the chunk's float32 logits y, its dy/dz or None) for each chunk of ``hidden``."""
+        size = self.chunk_size
+        for s in range(0, hidden.shape[0], size):
+            n = min(size, hidden.shape[0] - s)
+            logits = self.head.logits(hidden[s:s + size], self.buffer[:n], bias)
+            slope = self.slopes[:n] if self.slopes is not None else None
+            if self.softcap:
+                softcap_(logits, self.softcap, slope)
+            yield s, logits, slope
 
 
 def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                bias: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """log p(targets[i] | hidden[i]) for flat [N, H] hidden states, float32 [N]."""
+                bias: torch.Tensor | None = None, chunk_size: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) for flat [N, H] hidden states, float32 [N]; ``softcap``: the head's final-logit
+    softcapping c (logits y = c * tanh(z / c)), None for none."""
     chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
-    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size)
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size, softcap or None)
 
 
 def _segment_sums(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -173,23 +224,31 @@ def gather_logps(hidden: torch.Tensor, weight: torch.Tensor, score_index: torch.
 
 
 def log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     chunk_size: int | None = None) -> torch.Tensor:
+                     chunk_size: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """log sum_v p_v^2 of the next-token distribution at each of the flat [N, H] hidden states, float32 [N],
-    without gradient (WPO's alignment term), a chunk of logits at a time:
+    without gradient (WPO's alignment term), a chunk of logits y at a time (softcapped as in :func:`token_logps`):
 
-        log sum_v p_v^2 = logsumexp_v(2 z_v) - 2 logsumexp_v(z_v)
+        log sum_v p_v^2 = logsumexp_v(2 y_v) - 2 logsumexp_v(y_v)
     """
     chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
-    n_total = hidden.shape[0]
-    rows = max(1, min(chunk_size, n_total))
-    out = torch.empty(n_total, dtype=torch.float32, device=hidden.device)
-    head = _Float32Logits(weight, rows)
-    buffer = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=hidden.device)
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        for s in range(0, n_total, chunk_size):
-            logits = head.logits(hidden[s:s + chunk_size], buffer[:min(chunk_size, n_total - s)], bias)
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad(), _Chunks(weight, hidden, chunk_size, softcap or None) as chunks:
+        for s, logits, _ in chunks.logits(hidden, bias):
             lse = torch.logsumexp(logits, dim=-1)
             out[s:s + chunk_size] = torch.logsumexp(logits.mul_(2), dim=-1) - 2 * lse
+    return out
+
+
+def logit_rms(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              chunk_size: int | None = None) -> torch.Tensor:
+    """rms_v(z_v) = sqrt(mean_v z_v^2) of the logits z = h @ W.T + b (before any softcap) at each of the flat [N, H]
+    hidden states, float32 [N], without gradient: the scale the logits' rounding errors take
+    (layout.sharing_tolerance)."""
+    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad(), _Chunks(weight, hidden, chunk_size, None) as chunks:
+        for s, logits, _ in chunks.logits(hidden, bias):
+            out[s:s + chunk_size] = logits.pow_(2).mean(dim=-1).sqrt_()
     return out
 
 
@@ -214,21 +273,29 @@ def completion_scores(token_values: torch.Tensor, batch: dict,
     return scores
 
 
-def batch_scores(model, batch: dict, chunk_size: int | None = None, wpo: bool = False) -> dict[str, torch.Tensor]:
+def batch_scores(model, batch: dict, chunk_size: int | None = None, wpo: bool = False,
+                 rms: bool = False) -> dict[str, torch.Tensor]:
     """Run ``model`` (its output head deferred, see modeling.defer_output_head) and score the batch: the
     :func:`completion_scores` of its completions (``wpo``: also WPO's term, one more no-grad pass of the head
-    over the completion positions, a chunk at a time).
+    over the completion positions, a chunk at a time; ``rms``: also ``logit_rms``, the sum over each completion's
+    tokens of :func:`logit_rms`, another such pass).
 
     ``batch`` comes from layout (either layout): the model gets ``input_ids``, ``attention_mask``
     (and ``position_ids`` for the shared layout); the score fields say which tokens to sum.
     """
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     out = model(**inputs, use_cache=False)  # a DDP wrapper's forward, so gradients synchronise
-    head = getattr(model, "module", model).get_output_embeddings().head
+    deferred = getattr(model, "module", model).get_output_embeddings()
+    head, softcap = deferred.head, getattr(deferred, "softcap", None)
     flat = out.logits.reshape(-1, out.logits.shape[-1])[batch["score_index"]]
-    values = token_logps(flat, head.weight, batch["score_targets"], head.bias, chunk_size)
-    log_sum_sq = log_sum_sq_probs(flat.detach(), head.weight, head.bias, chunk_size) if wpo else None
-    return completion_scores(values, batch, log_sum_sq)
+    values = token_logps(flat, head.weight, batch["score_targets"], head.bias, chunk_size, softcap)
+    log_sum_sq = log_sum_sq_probs(flat.detach(), head.weight, head.bias, chunk_size, softcap) if wpo else None
+    scores = completion_scores(values, batch, log_sum_sq)
+    if rms:
+        token_rms = logit_rms(flat.detach(), head.weight, head.bias, chunk_size)
+        scores["logit_rms"] = torch.zeros_like(scores["logps"]).index_add_(
+            0, batch["score_segment"], token_rms.to(scores["logps"].dtype))
+    return scores
 
 
 def batch_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:

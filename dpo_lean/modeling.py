@@ -18,10 +18,8 @@ from . import adapters, launch
 from .config import Config
 from .data.templates import prepare_tokenizer
 from .errors import DpoLeanError
+from .families import attention_implementation, check_quantised, disable_dropout, held_configs, model_config, no_router_loss
 from .fingerprint import model_fingerprint
-
-ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager",
-                        "fa2": "flash_attention_2"}
 
 
 def device() -> torch.device:
@@ -84,10 +82,12 @@ def base_weights(config: Config, reference: bool = False) -> tuple[str, str, boo
 
 
 def load_base_model(config: Config, reference: bool = False):
-    """The base model as the config describes it, frozen, dropout off, 4-bit layers pinned to the training kernel.
+    """The base model as the config describes it, frozen, dropout and router loss off, 4-bit layers pinned to the
+    training kernel.
 
     ``reference=True``: the reference's base instead (:func:`base_weights`); with ref_precision "base" and no
-    ref_model that is exactly the policy's base.
+    ref_model that is exactly the policy's base. Its config.json is read first (families.model_config), so a family
+    dpo-lean cannot train is refused before any weights load.
     """
     from transformers import AutoModelForCausalLM
 
@@ -96,7 +96,7 @@ def load_base_model(config: Config, reference: bool = False):
     dtype = compute_dtype(config, dev, precision)
     kwargs = dict(revision=config.model_revision, cache_dir=config.cache_dir, dtype=dtype,
                   trust_remote_code=config.trust_remote_code,
-                  attn_implementation=ATTN_IMPLEMENTATIONS[config.flash_attn])
+                  attn_implementation=attention_implementation(config, model_config(config, name, key)))
     if config.use_safetensors_only:
         kwargs["use_safetensors"] = True
     if quantized:
@@ -110,8 +110,11 @@ def load_base_model(config: Config, reference: bool = False):
         hint = (" (set use_safetensors_only: false only if you trust its pickle weights)"
                 if "safetensors" in msg.lower() else "")
         raise DpoLeanError(f"config key '{key}': cannot load {name!r}: {msg}{hint}") from None
+    if quantized:
+        check_quantised(model, key)
     model.requires_grad_(False)
     disable_dropout(model)
+    no_router_loss(model)
     keep_4bit_on_training_kernel(model)
     return model
 
@@ -119,15 +122,6 @@ def load_base_model(config: Config, reference: bool = False):
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off in the base model (as TRL's disable_dropout), so the policy at step 0 is the reference."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
 
 
 def _force_training_kernel(module: nn.Module, args) -> None:
@@ -153,34 +147,52 @@ def keep_4bit_on_training_kernel(model: nn.Module) -> None:
 
 
 class DeferredHead(nn.Module):
-    """Stands in for the output head: passes hidden states through; logprobs applies ``head`` in chunks."""
+    """Stands in for the output head: passes hidden states through; logprobs applies ``head`` in chunks, then
+    ``softcap`` (the model's final-logit softcapping, moved here from its forward; None for none)."""
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, head: nn.Module, softcap: float | None = None):
         super().__init__()
-        self.head = head
+        self.head, self.softcap = head, softcap
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 
 
+LOGIT_SCALES = ("logit_scale", "logits_scaling")  # Cohere's multiplier of the logits, Granite's divisor
+
+
 def defer_output_head(model) -> None:
-    """Make ``model(...).logits`` the final hidden states, so no [batch, seq, vocab] tensor is built."""
+    """Make ``model(...).logits`` the final hidden states, so no [batch, seq, vocab] tensor is built.
+
+    What the model's forward does to its logits after the head stays right: a logit scale (Cohere's logit_scale,
+    Granite's logits_scaling) the forward now applies to the hidden states it returns, the same thing for a bias-free
+    head; final-logit softcapping (Gemma 2/4: final_logit_softcapping c, y = c * tanh(z / c)) is taken out of the
+    forward (the config's value set to None) and kept on the DeferredHead, which logprobs applies per chunk.
+    """
     head = model.get_output_embeddings()
     if isinstance(head, DeferredHead):
         return
-    if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
-        raise DpoLeanError(f"model {model.config.model_type!r} post-processes its logits (softcapping or "
-                           "scaling), which dpo-lean's chunked log-probs do not support yet")
+    name = model.config.model_type
     if not isinstance(head, nn.Linear):
-        raise DpoLeanError(f"model {model.config.model_type!r}: its output head is a {type(head).__name__}, "
+        raise DpoLeanError(f"model {name!r}: its output head is a {type(head).__name__}, "
                            "not a linear layer; dpo-lean cannot compute its log-probs in chunks")
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32,
                                                                      torch.float64):
-        raise DpoLeanError(f"model {model.config.model_type!r}: its output head is quantised ({type(head).__name__}, "
+        raise DpoLeanError(f"model {name!r}: its output head is quantised ({type(head).__name__}, "
                            f"{getattr(weight, 'dtype', None)} weights); dpo-lean computes log-probs from a float head: "
                            "keep lm_head out of quantisation (as bitsandbytes does by default)")
-    model.set_output_embeddings(DeferredHead(head))
+    configs = held_configs(model)
+    scale = next((f"{k}: {v}" for c in configs for k in LOGIT_SCALES if (v := getattr(c, k, None)) not in (None, 1)),
+                 None)
+    if scale and head.bias is not None:
+        raise DpoLeanError(f"model {name!r} scales its logits ({scale}) after a biased output head, which the "
+                           "deferred head cannot reproduce (the scale would miss the bias)")
+    softcap = next((c.final_logit_softcapping for c in configs if getattr(c, "final_logit_softcapping", None)), None)
+    for c in configs:
+        if getattr(c, "final_logit_softcapping", None):
+            c.final_logit_softcapping = None
+    model.set_output_embeddings(DeferredHead(head, softcap))
 
 
 def prepare_reference(config: Config):
@@ -219,8 +231,10 @@ def prepare_policy(config: Config):
 def _new_lora(config: Config, base):
     from peft import LoraConfig, get_peft_model
 
+    targets = config.lora_target_modules
+    targets = sorted(adapters.linear_names(base)) if targets == "all-linear" else targets
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(config.seed)  # LoRA A init
     try:
         with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing

@@ -28,6 +28,7 @@ from .measure import memory_metrics
 from .objective import RewardBaseline, pair_metrics
 from .sampling import LengthGroupedSampler
 from .scoring import EvalSet, PairCollator, prepare_run, split_eval, to_dataset
+from .step_zero import StartCheck
 
 
 @dataclass
@@ -57,6 +58,8 @@ class DPOLeanTrainer(Trainer):
         # (policy - reference) per pair in the first step, when the reference is not the starting point
         self.step0: list[torch.Tensor] | None = None if modeling.reference_is_start(dpo) else []
         self.step0_logratios: dict[str, float] | None = None
+        # when it is, the first step's policy must score as the cache does, up to rounding (step_zero.py)
+        self.start_check = StartCheck.for_run(dpo)
 
     @property
     def reward_baseline(self):
@@ -91,7 +94,10 @@ class DPOLeanTrainer(Trainer):
         return LengthGroupedSampler(dataset["length"], self.args.per_device_train_batch_size, self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        scores = batch_scores(model, inputs, self.dpo.logprob_chunk_size, wpo=self.dpo.pref_use_weighting)
+        check = self.start_check is not None and model.training and self.state.global_step == 0
+        scores = batch_scores(model, inputs, self.dpo.logprob_chunk_size, wpo=self.dpo.pref_use_weighting, rms=check)
+        if check:
+            self.start_check.observe(self.model, scores, inputs, self.accelerator)
         losses, stats = pair_metrics(self.dpo, scores, inputs, bco_baseline=self._bco_baseline(model.training))
         if model.training:
             self.guard.observe(inputs["row_index"], losses)
@@ -128,6 +134,9 @@ class DPOLeanTrainer(Trainer):
             if values:
                 logs[prefix + key] = torch.cat(values).mean().item()
         self._metrics[mode].clear()
+        if mode == "train" and self.start_check is not None and self.start_check.worst is not None:
+            launch.say(self.start_check.summary())
+            self.start_check = None
         if mode == "train" and self.step0:
             from .reporting import step0_report
 

@@ -12,7 +12,8 @@ def float64_model(quantised, path: str, adapter: str | None = None):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    # eager experts: an MoE's per-expert loop (transformers' grouped matmul takes no float64)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager")
     linears = {name: m for name, m in quantised.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert len(linears) >= 7, "the model is expected to be 4-bit"
     for name, module in linears.items():

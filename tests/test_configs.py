@@ -20,21 +20,32 @@ PARITY = FIXTURES / "lf_parity"
 DEMO = ["dataset=demo_case", f"dataset_dir={FIXTURES / 'demo'}"]
 LF_CHECKS = json.loads(gzip.decompress((PARITY / "lf_ids.json.gz").read_bytes()))
 LF_CHECKS = {"configs": LF_CHECKS["configs"], "lf_keys": set(LF_CHECKS["lf_keys"])}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# each config's model family, by its template (a new config needs its family here, and in tests/tiny_families.py)
+MODEL_TYPES = {"gemma2": "gemma2", "llama3": "llama", "mistral": "mistral", "qwen": "qwen2", "qwen3": "qwen3"}
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """The tiny model with the parity tokenizer (every template's special tokens) and room for the tokens
-    a template's fix-ups add (llama3's <|eom_id|>, gemma2's <eos>, ...)."""
-    from transformers import AutoTokenizer
+    """model_type -> a tiny model of that family (tests/tiny_families.py) with the parity tokenizer (every template's
+    special tokens) and room for the tokens a template's fix-ups add (llama3's <|eom_id|>, gemma2's <eos>, ...)."""
+    from tiny_families import write_family
 
-    from dpo_lean.tiny import build_model
+    built = {}
 
-    path = tmp_path_factory.mktemp("tiny-all-templates")
-    tokenizer = AutoTokenizer.from_pretrained(PARITY / "tokenizer")
-    tokenizer.save_pretrained(path)
-    build_model(len(tokenizer) + 16).save_pretrained(path)
-    return path
+    def model(model_type: str):
+        if model_type not in built:
+            built[model_type] = write_family(model_type, tmp_path_factory.mktemp(f"tiny-{model_type}"),
+                                             tokenizer=PARITY / "tokenizer", spare_tokens=16)
+        return built[model_type]
+
+    return model
+
+
+def _model_type(path):
+    return MODEL_TYPES[yaml.safe_load(path.read_text())["template"]]
 
 
 def test_there_are_configs_for_each_family():
@@ -43,13 +54,31 @@ def test_there_are_configs_for_each_family():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_runs_data_check_on_the_tiny_model(path, tiny_model, tmp_path):
+def test_config_runs_data_check_on_a_tiny_model_of_its_family(path, tiny_model, tmp_path):
     template = yaml.safe_load(path.read_text())["template"]
-    result = invoke("data-check", path, f"model_name_or_path={tiny_model}", *DEMO, f"output_dir={tmp_path}",
-                    "--show", "1")
+    result = invoke("data-check", path, f"model_name_or_path={tiny_model(_model_type(path))}", *DEMO,
+                    f"output_dir={tmp_path}", "--show", "1")
     assert result.exit_code == 0, result.output
     assert f"\ntemplate: {template}\n" in result.stdout and "rows kept: 64\n" in result.stdout
     assert "┌─ prompt" in result.stdout
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_precomputes_and_trains_two_steps_on_a_tiny_model_of_its_family(path, tiny_model, tmp_path):
+    """The config as it is (quantisation, precision, attention, optimizer, schedule, template), on a tiny model of
+    its own model_type; only the model, the data, the output folder and the run's length are overridden."""
+    model_type = _model_type(path)
+    overrides = [f"model_name_or_path={tiny_model(model_type)}", *DEMO, "max_samples=12",
+                 f"output_dir={tmp_path / 'out'}", "max_steps=2", "gradient_accumulation_steps=1"]
+    for command in ("precompute", "train"):
+        result = invoke(command, path, *overrides)
+        assert result.exit_code == 0, (command, result.output)
+    assert f"policy: trains a new LoRA on {tiny_model(model_type)}" in result.output
+    summary = json.loads((tmp_path / "out" / "dpo_metrics" / "summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["finished"] and math.isfinite(summary["train_loss"])
+    fingerprint = cache.scan(tmp_path / "out" / "ref_cache").manifest["fingerprint"]
+    assert json.loads((tiny_model(model_type) / "config.json").read_text())["model_type"] == model_type
+    assert fingerprint["template"] == yaml.safe_load(path.read_text())["template"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -249,3 +249,39 @@ def test_cuda_half_precision_logps_match_a_float64_reference(dtype):
     torch.testing.assert_close(ours.double(), ref.detach(), rtol=0, atol=2e-4)
     scale = h64.grad.abs().max().item()
     torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=2e-2, atol=2e-2 * scale)
+
+
+def float64_softcapped_logps(hidden, weight, targets, bias, cap):
+    """The reference: y = c * tanh(z / c) and log_softmax, every operation in float64 (autograd for gradients)."""
+    logits = hidden.double() @ weight.double().t() + bias.double()
+    return torch.log_softmax(cap * torch.tanh(logits / cap), dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_softcapped_logps_and_gradients_match_float64_autograd(chunk_size):
+    """Final-logit softcapping (Gemma 2/4) with logits far past the cap (std ~11, cap 5): value, the hidden
+    states' gradient (its Jacobian formed in the forward) and a trained head's, against float64 autograd."""
+    g = torch.Generator().manual_seed(5)
+    h, w, b = torch.randn(40, 16, generator=g) * 2, torch.randn(300, 16, generator=g), torch.randn(300, generator=g)
+    targets, upstream = torch.randint(0, 300, (40,), generator=g), torch.randn(40, generator=g, dtype=torch.float64)
+    hidden, weight, bias = (x.clone().requires_grad_() for x in (h, w, b))
+    ours = token_logps(hidden, weight, targets, bias, chunk_size, softcap=5.0)
+    (ours.double() * upstream).sum().backward()
+    h64, w64, b64 = (x.double().requires_grad_() for x in (h, w, b))
+    ref = float64_softcapped_logps(h64, w64, targets, b64, 5.0)
+    (ref * upstream).sum().backward()
+    assert (ref - float64_token_logps(h, w, targets, b)).abs().max() > 1.0  # the cap matters here
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=0, atol=2e-5)
+    for got, want in ((hidden, h64), (weight, w64), (bias, b64)):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
+    frozen = h.clone().requires_grad_()
+    (token_logps(frozen, w, targets, b, chunk_size, softcap=5.0).double() * upstream).sum().backward()
+    torch.testing.assert_close(frozen.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_softcapped_log_sum_sq_probs_match_float64():
+    g = torch.Generator().manual_seed(6)
+    h, w, b = torch.randn(30, 8, generator=g) * 3, torch.randn(200, 8, generator=g), torch.randn(200, generator=g)
+    z = h.double() @ w.double().t() + b.double()
+    expected = torch.log((torch.softmax(5.0 * torch.tanh(z / 5.0), -1) ** 2).sum(-1))
+    torch.testing.assert_close(log_sum_sq_probs(h, w, b, 7, softcap=5.0).double(), expected, rtol=0, atol=1e-5)

@@ -178,3 +178,29 @@ def test_a_tracker_that_is_not_installed_is_a_one_line_error(tiny_config, monkey
     monkeypatch.setattr(transformers.integrations, "is_wandb_available", lambda: False)
     with pytest.raises(DpoLeanError, match=r"report_to.*wandb is not installed.*pip install wandb"):
         train.training_arguments(tiny_config(report_to="wandb"), has_eval=False)
+
+
+def test_a_policy_that_disagrees_with_the_cache_at_step_0_stops_training_in_one_line(tmp_path):
+    """The reference is the starting point, so the first step's policy log-probs must equal the cache's up to
+    rounding. One cached row, moved by 0.05 nats (a dropout left on in training moves the policy's side by more),
+    stops `dpo-lean train` before any update: one line naming the row, the gap and the likely causes, exit 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_cli import assert_one_line_error, invoke, write_config
+
+    shutil.copytree(FIXTURES / "demo" / "ref_cache", tmp_path / "ref_cache")
+    shift, parts = 0.05, sorted((tmp_path / "ref_cache").glob("part-*.parquet"))
+    part = next(p for p in parts if 0 in pq.read_table(p).column("row_index").to_pylist())  # in the first step
+    table = pq.read_table(part)
+    values = table.column("ref_rejected_logps").to_pylist()
+    first = table.column("row_index").to_pylist().index(0)
+    values[first] += shift
+    index = table.schema.get_field_index("ref_rejected_logps")
+    field = table.schema.field(index)
+    table = table.set_column(index, field, pa.array(values, type=field.type))
+    pq.write_table(table, part)  # the schema keeps its metadata: the part still belongs to the cache
+    config = write_config(tmp_path, max_samples=8, max_steps=1, per_device_train_batch_size=8, save_strategy="no")
+    result = invoke("train", config)
+    line = assert_one_line_error(result, f"row 0 scores {shift:.4g} nats apart", "float rounding explains",
+                                 "dropout", "template", "dtype", "adapters")
+    assert "step 0" in line and not (tmp_path / "output" / "adapter_model.safetensors").exists()
