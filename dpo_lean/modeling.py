@@ -19,6 +19,7 @@ from .config import Config
 from .data.templates import prepare_tokenizer
 from .errors import DpoLeanError
 from .fingerprint import model_fingerprint
+from .logprobs import float32_copy_notice
 
 ATTN_IMPLEMENTATIONS = {"auto": None, "sdpa": "sdpa", "eager": "eager", "disabled": "eager",
                         "fa2": "flash_attention_2"}
@@ -181,6 +182,9 @@ def defer_output_head(model) -> None:
                            f"{getattr(weight, 'dtype', None)} weights); dpo-lean computes log-probs from a float head: "
                            "keep lm_head out of quantisation (as bitsandbytes does by default)")
     model.set_output_embeddings(DeferredHead(head))
+    notice = float32_copy_notice(weight)
+    if notice:
+        launch.say(notice)
 
 
 def prepare_reference(config: Config):
