@@ -103,6 +103,13 @@ def test_carried_wheels_install_only_what_the_image_lacks_or_has_out_of_range():
     assert decided == {"trl": True, "peft": True, "dill": False, "datasets": False}
 
 
+def test_a_dependency_outside_pyprojects_range_is_named():
+    ranges = {"click": SpecifierSet(">=8.2"), "torch": SpecifierSet(">=2.6"), "trl": SpecifierSet(">=1.16,<2")}
+    have = {"click": "8.1.7", "torch": "2.11.0+cu130"}.get
+    assert wheels.outside_ranges(ranges, have) == ["click 8.1.7 is outside pyproject's click>=8.2",
+                                                   "trl<2,>=1.16 is not installed"]
+
+
 def test_a_carried_wheels_unmet_requirement_is_named(tmp_path):
     wheel = tmp_path / "demo_pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:

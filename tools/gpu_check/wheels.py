@@ -81,3 +81,15 @@ def unmet(wheels: list[Path], have: Callable[[str], str | None] = installed_vers
             elif not req.specifier.contains(present, prereleases=True):
                 problems.append(f"{owner} needs {req}; {present} is installed")
     return problems
+
+
+def outside_ranges(ranges: dict[str, SpecifierSet], have: Callable[[str], str | None] = installed_version) -> list[str]:
+    """One line per pyproject dependency that is missing, or installed outside its range (no wheel carried for it)."""
+    problems = []
+    for name, spec in sorted(ranges.items()):
+        present = have(name)
+        if present is None:
+            problems.append(f"{name}{spec} is not installed")
+        elif not spec.contains(present, prereleases=True):
+            problems.append(f"{name} {present} is outside pyproject's {name}{spec}")
+    return problems
