@@ -116,13 +116,15 @@ def steps(ctx: Context) -> list[Step]:
                                         "-rs", *cuda_files]),
            Step("demo", 45, 30, [*check, "demo", *work, *dry]),
            Step("oom", 40, 28, [*check, "oom", "--shape", small, *work, *dry])]
-    # bench-7B may use all the time the steps before it left (at least 145 s when each used its whole cap)
-    for name, shape, cap, estimate in (("bench-1.5B", small, 90, 75), ("bench-7B", large, BUDGET_S, 125)):
+    fa2 = bool(ctx.results.get("env", {}).get("flash_attn"))
+    # bench-7B may use all the time the steps before it left (at least 145 s when each used its whole cap), but
+    # what the FlashAttention-2 rows need, where they run
+    for name, shape, cap, estimate in (("bench-1.5B", small, 90, 75), ("bench-7B", large, 145 if fa2 else BUDGET_S, 125)):
         command, path = _bench(ctx, name, shape, "sdpa", DRY_CONTENDERS if ctx.dry_run else None)
         out.append(Step(name, cap, estimate, command, json_path=path))
     if ctx.dry_run:  # the same code as bench-1.5B at the same tiny shape: not twice
         out[-1] = Step("bench-7B", 0, 0, None, "dry run: bench-1.5B ran this code at the tiny shape")
-    if ctx.results.get("env", {}).get("flash_attn"):
+    if fa2:
         command, path = _bench(ctx, "bench-1.5B-fa2", small, "fa2", ["dpo-lean"])
         out.append(Step("bench-1.5B-fa2", 40, 20, command, json_path=path))
     else:
