@@ -91,6 +91,8 @@ def test_out_of_memory_lines_are_read_as_precompute_prints_them():
                                             "last_grow_back_held": True}
     failed_again = text + "\nprecompute: out of memory at 4 pairs a batch; continuing at 2"
     assert checks.parse_oom_lines(failed_again)["last_grow_back_held"] is False
+    same_grow_twice = "\n".join(text.splitlines()[:4] + text.splitlines()[2:3])  # grew 4 -> 8, failed, grew again
+    assert checks.parse_oom_lines(same_grow_twice)["last_grow_back_held"] is True
     assert checks.parse_oom_lines("precompute: 3 rows")["halvings"] == []
 
 

@@ -79,9 +79,9 @@ def parse_oom_lines(text: str) -> dict:
             events.append(("oom", int(m[1]), int(m[2])))
         elif m := GROW_LINE.search(line):
             events.append(("grow", int(m[1]), int(m[2]), int(m[3])))
-    grows = [e for e in events if e[0] == "grow"]
-    held = bool(grows) and not any(e[0] == "oom" and e[1] == grows[-1][3] for e in events[events.index(grows[-1]):])
-    return {"halvings": [list(e[1:]) for e in events if e[0] == "oom"], "grow_backs": [list(e[1:]) for e in grows],
+    grows = [i for i, e in enumerate(events) if e[0] == "grow"]
+    held = bool(grows) and not any(e[0] == "oom" and e[1] == events[grows[-1]][3] for e in events[grows[-1]:])
+    return {"halvings": [list(e[1:]) for e in events if e[0] == "oom"], "grow_backs": [list(events[i][1:]) for i in grows],
             "last_grow_back_held": held}
 
 
