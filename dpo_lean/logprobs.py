@@ -60,24 +60,44 @@ def _logp_gradient_(logits: torch.Tensor, total: torch.Tensor, targets: torch.Te
     return d.mul_(slope) if slope is not None else d
 
 
+def has_float32_mm(weight: torch.Tensor) -> bool:
+    """Can a head of ``weight``'s dtype multiply into float32 in place, ``torch.mm(..., out_dtype=float32)``?
+    (CUDA with torch >= 2.8; not on CPU.) Probed once per (device type, dtype); a float32 head needs nothing."""
+    key = (weight.device.type, weight.dtype)
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        return True
+    if key not in _FLOAT32_MM:
+        probe = torch.empty((1, 1), dtype=torch.float32, device=weight.device)
+        try:
+            torch.mm(weight[:1], weight[:1].t(), out_dtype=torch.float32, out=probe)
+            _FLOAT32_MM[key] = True
+        except (RuntimeError, NotImplementedError, TypeError):
+            _FLOAT32_MM[key] = False
+    return _FLOAT32_MM[key]
+
+
+def float32_copy_notice(weight: torch.Tensor) -> str | None:
+    """The one line to print where log-probs must copy a bf16/fp16 head to float32 (no float32 mm here), with what
+    the copy costs; None where no copy is made."""
+    if has_float32_mm(weight):
+        return None
+    gb = weight.numel() * 4 / 1e9
+    return (f"notice: torch {torch.__version__} has no torch.mm(..., out_dtype=float32) on {weight.device.type}; "
+            f"log-probs copy the {str(weight.dtype).removeprefix('torch.')} output head to float32 at each forward "
+            f"({gb:.2f} GB more while it is scored); torch >= 2.8 on a CUDA GPU multiplies it in place")
+
+
 class _Float32Logits:
     """out = h @ W.T + b in float32, accumulated in float32 and never rounded to W's dtype.
 
     A float32 head multiplies as it is; a bf16/fp16 head uses ``torch.mm(..., out_dtype=float32)`` where the
-    device has it (CUDA, torch >= 2.8: tensor-core speed, float32 output), else one float32 copy of W per call.
+    device has it (CUDA, torch >= 2.8: tensor-core speed, float32 output), else one float32 copy of W per call
+    (modeling.defer_output_head prints a notice saying so).
     """
 
     def __init__(self, weight: torch.Tensor, rows: int):
         self.rows, self.cast = rows, None  # cast: -softmax in W's dtype for the Jacobian matmul, made on first use
-        key = (weight.device.type, weight.dtype)
-        if weight.dtype in (torch.bfloat16, torch.float16) and _FLOAT32_MM.get(key, True):
-            probe = torch.empty((1, 1), dtype=torch.float32, device=weight.device)
-            try:
-                torch.mm(weight[:1], weight[:1].t(), out_dtype=torch.float32, out=probe)
-                _FLOAT32_MM[key] = True
-            except (RuntimeError, NotImplementedError, TypeError):
-                _FLOAT32_MM[key] = False
-        self.w = weight if weight.dtype == torch.float32 or _FLOAT32_MM.get(key, False) else weight.float()
+        self.w = weight if has_float32_mm(weight) else weight.float()
 
     def logits(self, h: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = self.w

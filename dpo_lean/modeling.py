@@ -20,6 +20,7 @@ from .data.templates import prepare_tokenizer
 from .errors import DpoLeanError
 from .families import attention_implementation, check_quantised, disable_dropout, held_configs, model_config, no_router_loss
 from .fingerprint import model_fingerprint
+from .logprobs import float32_copy_notice
 
 
 def device() -> torch.device:
@@ -193,6 +194,9 @@ def defer_output_head(model) -> None:
         if getattr(c, "final_logit_softcapping", None):
             c.final_logit_softcapping = None
     model.set_output_embeddings(DeferredHead(head, softcap))
+    notice = float32_copy_notice(weight)
+    if notice:
+        launch.say(notice)
 
 
 def prepare_reference(config: Config):

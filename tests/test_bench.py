@@ -55,11 +55,15 @@ def test_bench_data_end_to_end(tmp_path):
 def test_real_shape_parameter_counts_match_the_model_cards():
     from bench import shapes as bench_shapes
 
-    # Qwen2.5 model cards: 0.49B parameters (0.36B non-embedding), 1.54B (1.31B non-embedding); embeddings tied
-    for name, total, non_embedding in (("Qwen2.5-0.5B", 0.49e9, 0.36e9), ("Qwen2.5-1.5B", 1.54e9, 1.31e9)):
-        cfg = {**bench_shapes.QWEN25_COMMON, **bench_shapes.QWEN25[name]}
-        n = bench_shapes.matmul_params(cfg)
-        assert abs(n - total) < 0.005e9 and abs(n - cfg["vocab_size"] * cfg["hidden_size"] - non_embedding) < 0.005e9
+    # Qwen2.5 model cards: 0.49B parameters (0.36B non-embedding), 1.54B (1.31B non-embedding), embeddings tied;
+    # 7.61B (6.53B non-embedding), the input embedding and the head apart (the head multiplies, the embedding not)
+    for name, total, non_embedding in (("Qwen2.5-0.5B", 0.49e9, 0.36e9), ("Qwen2.5-1.5B", 1.54e9, 1.31e9),
+                                       ("Qwen2.5-7B", 7.61e9, 6.53e9)):
+        cfg = bench_shapes.shape_config(name)
+        n, embedding = bench_shapes.matmul_params(cfg), cfg["vocab_size"] * cfg["hidden_size"]
+        untied_embedding = 0 if cfg["tie_word_embeddings"] else embedding
+        # the cards give two decimals, cut (7,615,616,512 parameters are "7.61B")
+        assert abs(n + untied_embedding - total) < 0.01e9 and abs(n - embedding - non_embedding) < 0.01e9
 
 
 def test_real_shape_tokenizer_gives_exact_lengths_and_survives_qwen2_reload(tmp_path):

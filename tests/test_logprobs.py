@@ -285,3 +285,21 @@ def test_softcapped_log_sum_sq_probs_match_float64():
     z = h.double() @ w.double().t() + b.double()
     expected = torch.log((torch.softmax(5.0 * torch.tanh(z / 5.0), -1) ** 2).sum(-1))
     torch.testing.assert_close(log_sum_sq_probs(h, w, b, 7, softcap=5.0).double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("has_mm", [False, True])
+def test_a_head_copied_to_float32_is_announced_with_its_cost(monkeypatch, capsys, has_mm):
+    """Without torch.mm(..., out_dtype=float32) for a bf16 head (torch < 2.8, or CPU), log-probs copy the head to
+    float32 at each forward: deferring the head says so once, with the copy's size; with it, nothing is said."""
+    from dpo_lean import logprobs
+    from dpo_lean.tiny import build_model
+
+    model = build_model(40_000, hidden_size=256, num_layers=1).to(torch.bfloat16)
+    monkeypatch.setitem(logprobs._FLOAT32_MM, ("cpu", torch.bfloat16), has_mm)
+    modeling.defer_output_head(model)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("notice:")]
+    if has_mm:
+        assert lines == []
+    else:  # 40,000 x 256 float32 values: 40,960,000 bytes
+        assert len(lines) == 1 and "bfloat16 output head to float32" in lines[0] and "(0.04 GB more" in lines[0]
+        assert "torch >= 2.8 on a CUDA GPU" in lines[0]

@@ -4,7 +4,8 @@
     python tools/bench precompute  [--vocab 32000 151936] [--rows 24] [--cutoff 512] [--batch 2]
     python tools/bench all         # both tables
     python tools/bench data        [--sizes 1200 12000] [--with-60k] [--source ../shared/data]   (data.py)
-    python tools/bench real-shapes [--shapes Qwen2.5-0.5B Qwen2.5-1.5B] [--shape-steps 2]  (shapes.py)
+    python tools/bench real-shapes [--shapes Qwen2.5-0.5B Qwen2.5-1.5B Qwen2.5-7B] [--shape-steps 2] [--shape-cutoff 1024]
+                                   [--attn sdpa|fa2] [--model-dir DIR]   (shapes.py)
     python tools/bench all --real-shapes   # both tables, then the real-shape rows
     python tools/bench sums        [--sums-rows 16] [--sums-trl] [--source ../shared/data]   (sums.py)
     python tools/bench train --model Qwen/Qwen2.5-0.5B-Instruct   # any hub or local model (on a GPU)
@@ -48,7 +49,8 @@ The package, one job a module:
     worker.py       the worker protocol: one fresh process per contender, one RESULT line of JSON back
     tables.py       markdown tables, ratios, the machine line
     data.py         `data`: data-check cold and warm on resampled demo rows, against the tokenizer floor
-    shapes.py       `real-shapes`: the train and precompute rows at Qwen2.5-0.5B/1.5B shapes
+    shapes.py       `real-shapes`: the train and precompute rows at Qwen2.5-0.5B/1.5B/7B shapes (tools/gpu_check runs
+                    the 1.5B and 7B ones on a GPU)
     scale.py        `scale`: precompute then train on 60,000 generated rows, counting tokenisations
     phases.py       `phases`: one train step's RSS phase by phase at a real shape, under both allocator settings
     sums.py         `sums`: each completion's summed log-prob (per-token sums, the cache in both layouts, the tail

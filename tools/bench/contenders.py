@@ -119,7 +119,8 @@ def _trl_trainer(raw: dict, precompute: bool):
     dtype = modeling.compute_dtype(config, dev)
     model = AutoModelForCausalLM.from_pretrained(
         raw["model_name_or_path"], dtype=dtype, quantization_config=modeling.quantization_config(config, dtype),
-        device_map={"": dev.index} if dev.type == "cuda" else None)
+        device_map={"": dev.index} if dev.type == "cuda" else None,
+        attn_implementation=modeling.ATTN_IMPLEMENTATIONS[config.flash_attn])  # the attention dpo-lean's rows use
     if precompute and dev.type == "cpu":
         # TRL's precompute pass runs the 4-bit model in eval mode without gradients; on an x86 CPU bitsandbytes
         # then repacks the weights for good and training fails. dpo-lean's guard keeps TRL trainable here.
