@@ -79,6 +79,25 @@ def read_manifest(cache_dir: Path) -> dict | None:
                            "it") from None
 
 
+def check_setup(cache_dir: Path, setup: dict, problem: str, fix: str) -> None:
+    """Before anything expensive: refuse a cache whose fingerprint differs in the fields ``setup`` holds (a part of
+    the fingerprint computed without reading rows; fingerprint.cheap_fingerprint, setup_fingerprint). No cache: no
+    check; a damaged manifest is left to the full check that follows (precompute repairs it, train refuses it)."""
+    try:
+        manifest = read_manifest(cache_dir)
+    except DpoLeanError:
+        return
+    if not isinstance(manifest, dict):
+        return
+    check_format(cache_dir, manifest)
+    cached = manifest.get("fingerprint", {})
+    if not isinstance(cached, dict) or manifest.get("fingerprint_sha256") != fingerprint_digest(cached):
+        return
+    diffs = fingerprint_diff({k: v for k, v in cached.items() if k in setup}, setup)
+    if diffs:
+        raise DpoLeanError(f"cache {cache_dir} {problem}: {'; '.join(diffs)}; {fix}")
+
+
 def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[str, int], overwrite: bool) -> None:
     """Create the cache (or check an existing one matches ``fingerprint``), record the rows this run's dataset
     holds, and remove this host's temporary parts whose writer is gone (never a live writer's).

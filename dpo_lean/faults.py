@@ -1,6 +1,6 @@
 """Training under faults: Ctrl-C, non-finite steps, and which checkpoint is safe to resume from.
 
-- The first Ctrl-C lets the current step finish, saves a checkpoint and stops; a second one quits at once.
+- The first Ctrl-C or SIGTERM lets the current step finish, saves a checkpoint and stops; a second one quits at once.
 - A non-finite loss or gradient stops training before the optimizer applies it (the last checkpoint stays
   the last good one), naming the step and the rows of its batch; ``skip_nonfinite_steps`` skips such a
   step instead, and counts it. All processes agree on it, and a step the fp16 grad scaler skips is counted too.
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -20,7 +21,8 @@ import click
 import torch
 from transformers import TrainerCallback
 
-from .errors import DpoLeanError
+from . import launch
+from .errors import DpoLeanError, Interrupted, Stopped
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -62,41 +64,112 @@ def latest_complete(output_dir: Path, remove_incomplete: bool = False) -> Path |
     return None
 
 
-# ---------------------------------------------------------------- Ctrl-C
+def describe_checkpoint(checkpoint: Path) -> str:
+    """'step 40 of 100' from a complete checkpoint's trainer_state.json (', a finished run' at its last step)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    step, total = state.get("global_step"), state.get("max_steps")
+    return f"step {step} of {total}" + (", a finished run" if step and total and step >= total else "")
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def launcher_note() -> str:
+    """Under torchrun or accelerate launch (torch elastic), how long the launcher lets this process finish after it
+    forwards a signal before it SIGKILLs it; '' in a plain run."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and launch.world_size() == 1:
+        return ""
+    value = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    timeout = (f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={value}" if value else
+               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT is unset (30 s, unless torchrun --shutdown-timeout set another)")
+    return (f"; under a launcher: {timeout}: the launcher SIGKILLs this process that long after it forwards the "
+            "signal, so raise it if a step and a save take longer")
+
+
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM (SLURM, Kubernetes, `timeout`, a preempted machine; torchrun forwards both): the
+    first asks the running loop to stop at its next safe point (``requested``, ``signum``); a second one stops at
+    once (:class:`Stopped`). Handlers are installed from :meth:`start` (main thread only) until :meth:`close`."""
+
+    def __init__(self, doing: str):
+        self.doing = doing  # what happens now, for the message: "finishing this step and saving a checkpoint"
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise Stopped(signum)
+        self.signum = signum
+        if launch.is_main_process():
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            click.echo(f"\n{name}: {self.doing} (a second Ctrl-C or SIGTERM stops at once)"
+                       f"{launcher_note()}", err=True)
+
+    def start(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __enter__(self) -> GracefulStop:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def until_stopped(items, stop: GracefulStop):
+    """``items`` until ``stop`` is requested (checked before each one is taken)."""
+    for item in items:
+        if stop.requested:
+            return
+        yield item
 
 
 class StopOnInterrupt(TrainerCallback):
-    """SIGINT: finish the step, save a checkpoint, stop. Processes of a distributed run agree on the step."""
+    """Ctrl-C or SIGTERM: finish the step, save a checkpoint, stop. Processes of a distributed run agree on the step
+    (and on the signal, for the exit status)."""
 
     def __init__(self):
-        self.interrupted = False
-        self._previous = None
+        self.stop = GracefulStop("finishing this step and saving a checkpoint")
+        self.signum: int | None = None  # the signal, once every process agreed to stop
 
-    def _handle(self, signum, frame):
-        if self.interrupted:
-            raise KeyboardInterrupt
-        self.interrupted = True
-        click.echo("\ninterrupted: finishing this step and saving a checkpoint (Ctrl-C again to quit now)", err=True)
+    @property
+    def interrupted(self) -> bool:
+        return self.signum is not None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.stop.start()
 
     def on_step_end(self, args, state, control, **kwargs):
-        flag = self.interrupted
+        signum = self.stop.signum or 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            t = torch.tensor([float(flag)], device=args.device)
+            t = torch.tensor([float(signum)], device=args.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = bool(t.item())
-        if flag:
-            self.interrupted = True
+            signum = int(t.item())
+        if signum:
+            self.signum = signum
             control.should_save = True
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        self.stop.close()
+
+    def error(self, step: int, output_dir: Path) -> Interrupted:
+        """What train raises once stopped: the step, the checkpoint saved, how to go on; the signal's exit status."""
+        by = "" if self.signum == signal.SIGINT else f" by {signal.Signals(self.signum).name}"
+        return Interrupted(f"interrupted{by} at step {step}; checkpoint saved to {latest_complete(output_dir)}; rerun "
+                           "`dpo-lean train CONFIG.yaml` to resume from it", self.signum)
 
 
 # ---------------------------------------------------------------- non-finite steps
@@ -212,6 +285,6 @@ def nonfinite_message(error: NonFiniteStep, output_dir: Path) -> str:
 
 def write_error_message(error: OSError, output_dir: Path) -> DpoLeanError:
     last = latest_complete(output_dir)
-    resume = (f"; free space and resume from {last} with resume_from_checkpoint=true" if last
+    resume = (f"; free space and rerun `dpo-lean train CONFIG.yaml`: it resumes from {last}" if last
               else "; free space or choose another output_dir")
     return DpoLeanError(f"cannot write {error.filename or output_dir}: {error.strerror or error}{resume}")
