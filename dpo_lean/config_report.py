@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import cache, fingerprint, modeling
+from . import cache, faults, fingerprint, modeling
 from .config import FIELDS, Config, load_config, parse_override, read_config_file
 from .data import prepared, sources
 from .errors import DpoLeanError
@@ -129,11 +129,9 @@ def _cache(config: Config, tokenizer, rows) -> str:
 
 
 def _start(config: Config) -> str:
-    """Where train would start (train.resume_plan), without removing anything."""
-    from .train import resume_plan
-
+    """Where train would start (faults.resume_plan), without removing anything."""
     try:
-        checkpoint, line = resume_plan(config)
+        checkpoint, line = faults.resume_plan(config)
     except DpoLeanError as e:
         return f"refuses: {e}"
     return line or "from step 0"

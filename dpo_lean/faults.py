@@ -5,7 +5,8 @@
   the last good one), naming the step and the rows of its batch; ``skip_nonfinite_steps`` skips such a
   step instead, and counts it. All processes agree on it, and a step the fp16 grad scaler skips is counted too.
 - A checkpoint is complete when its ``trainer_state.json`` (the Trainer writes it last) reads back;
-  resuming never picks a checkpoint that a kill or a full disk left half-written.
+  resuming never picks a checkpoint that a kill or a full disk left half-written. A plain rerun resumes from the
+  newest complete one, as LLaMA-Factory does; overwrite_output_dir starts over.
 """
 
 from __future__ import annotations
@@ -69,6 +70,63 @@ def describe_checkpoint(checkpoint: Path) -> str:
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     step, total = state.get("global_step"), state.get("max_steps")
     return f"step {step} of {total}" + (", a finished run" if step and total and step >= total else "")
+
+
+def resume_plan(config) -> tuple[str | None, str]:
+    """Where train starts, decided without touching output_dir (:func:`resume_target` acts on it, `dpo-lean config`
+    shows it): the checkpoint to resume from (or None) and the line that says so; a one-line error where train
+    refuses. As LLaMA-Factory: unset, the newest complete checkpoint in output_dir (a plain rerun continues an
+    interrupted run) unless overwrite_output_dir starts over; an adapter there without a checkpoint is refused.
+    true: the newest complete one, which must exist; a folder: that checkpoint; false: step 0.
+    """
+    target, out = config.resume_from_checkpoint, Path(config.output_dir)
+    if target is None and config.overwrite_output_dir:
+        old = ", ".join(p.name for p in checkpoints(out))
+        removing = f"; removing the earlier run's {old}" if old else ""
+        return None, f"overwrite_output_dir: true: training starts from step 0 in {out}{removing}"
+    if target is False or str(target).lower() == "false":
+        return None, "resume_from_checkpoint: false: training starts from step 0"
+    if target is None or target is True or str(target).lower() == "true":
+        latest = latest_complete(out)
+        if latest is not None:
+            return str(latest), (f"resuming from {latest} ({describe_checkpoint(latest)}), the newest complete "
+                                 f"checkpoint in {out}" + ("; set overwrite_output_dir: true to start over instead"
+                                                           if target is None else ""))
+        if target is not None:
+            raise DpoLeanError(f"config key 'resume_from_checkpoint': true, but {out} holds no complete checkpoint-* "
+                               "folder; set it to null to start fresh")
+        _check_no_finished_adapter(out)
+        return None, ""
+    if not Path(target).is_dir():
+        raise DpoLeanError(f"config key 'resume_from_checkpoint': {target!r} is not a checkpoint folder")
+    if not is_complete(Path(target)):
+        raise DpoLeanError(f"config key 'resume_from_checkpoint': {target} is incomplete (no readable "
+                           "trainer_state.json; its save was cut short); use an earlier checkpoint or true")
+    return str(target), f"resuming from {target} ({describe_checkpoint(Path(target))})"
+
+
+def resume_target(config) -> str | None:
+    """The checkpoint Trainer.train resumes from (:func:`resume_plan`), said in one line. A checkpoint a kill or a
+    full disk left half-written is never picked, and is removed; overwrite_output_dir removes the earlier run's
+    checkpoints, so that no later rerun resumes from them."""
+    out, main = Path(config.output_dir), launch.is_main_process()
+    if config.resume_from_checkpoint in (None, True, "true"):
+        latest_complete(out, remove_incomplete=main)
+    checkpoint, line = resume_plan(config)
+    if line:
+        launch.say(line)
+    if config.resume_from_checkpoint is None and config.overwrite_output_dir and main:
+        for path in checkpoints(out):
+            shutil.rmtree(path, ignore_errors=True)
+    return checkpoint
+
+
+def _check_no_finished_adapter(out: Path) -> None:
+    """Refuse, as LLaMA-Factory does, to train over an adapter output_dir holds with no checkpoint to resume from."""
+    found = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if (out / n).is_file()]
+    if found:
+        raise DpoLeanError(f"output_dir {out} already holds a trained adapter ({found[0]}) and no checkpoint to resume "
+                           "from; set overwrite_output_dir: true to train over it, or choose another output_dir")
 
 
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -200,63 +199,6 @@ def _check_trackers(report_to) -> None:
                                "or set report_to: none")
 
 
-def resume_plan(config: Config) -> tuple[str | None, str]:
-    """Where train starts, decided without touching output_dir (:func:`resume_target` acts on it, `dpo-lean config`
-    shows it): the checkpoint to resume from (or None) and the line that says so; a one-line error where train
-    refuses. As LLaMA-Factory: unset, the newest complete checkpoint in output_dir (a plain rerun continues an
-    interrupted run) unless overwrite_output_dir starts over; an adapter there without a checkpoint is refused.
-    true: the newest complete one, which must exist; a folder: that checkpoint; false: step 0.
-    """
-    target, out = config.resume_from_checkpoint, Path(config.output_dir)
-    if target is None and config.overwrite_output_dir:
-        old = ", ".join(p.name for p in faults.checkpoints(out))
-        removing = f"; removing the earlier run's {old}" if old else ""
-        return None, f"overwrite_output_dir: true: training starts from step 0 in {out}{removing}"
-    if target is False or str(target).lower() == "false":
-        return None, "resume_from_checkpoint: false: training starts from step 0"
-    if target is None or target is True or str(target).lower() == "true":
-        latest = faults.latest_complete(out)
-        if latest is not None:
-            return str(latest), (f"resuming from {latest} ({faults.describe_checkpoint(latest)}), the newest complete "
-                                 f"checkpoint in {out}" + ("; set overwrite_output_dir: true to start over instead"
-                                                           if target is None else ""))
-        if target is not None:
-            raise DpoLeanError(f"config key 'resume_from_checkpoint': true, but {out} holds no complete checkpoint-* "
-                               "folder; set it to null to start fresh")
-        _check_no_finished_adapter(out)
-        return None, ""
-    if not Path(target).is_dir():
-        raise DpoLeanError(f"config key 'resume_from_checkpoint': {target!r} is not a checkpoint folder")
-    if not faults.is_complete(Path(target)):
-        raise DpoLeanError(f"config key 'resume_from_checkpoint': {target} is incomplete (no readable "
-                           "trainer_state.json; its save was cut short); use an earlier checkpoint or true")
-    return str(target), f"resuming from {target} ({faults.describe_checkpoint(Path(target))})"
-
-
-def resume_target(config: Config) -> str | None:
-    """The checkpoint Trainer.train resumes from (:func:`resume_plan`), said in one line. A checkpoint a kill or a
-    full disk left half-written is never picked, and is removed; overwrite_output_dir removes the earlier run's
-    checkpoints, so that no later rerun resumes from them."""
-    out, main = Path(config.output_dir), launch.is_main_process()
-    if config.resume_from_checkpoint in (None, True, "true"):
-        faults.latest_complete(out, remove_incomplete=main)
-    checkpoint, line = resume_plan(config)
-    if line:
-        launch.say(line)
-    if config.resume_from_checkpoint is None and config.overwrite_output_dir and main:
-        for path in faults.checkpoints(out):
-            shutil.rmtree(path, ignore_errors=True)
-    return checkpoint
-
-
-def _check_no_finished_adapter(out: Path) -> None:
-    """Refuse, as LLaMA-Factory does, to train over an adapter output_dir holds with no checkpoint to resume from."""
-    found = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if (out / n).is_file()]
-    if found:
-        raise DpoLeanError(f"output_dir {out} already holds a trained adapter ({found[0]}) and no checkpoint to resume "
-                           "from; set overwrite_output_dir: true to train over it, or choose another output_dir")
-
-
 # ---------------------------------------------------------------- the procedure
 
 
@@ -292,7 +234,7 @@ def run_train(config: Config) -> dict:
 
     t0 = time.perf_counter()
     args = training_arguments(config, config.has_eval)  # everything that can refuse the run, before any data work
-    resume = resume_target(config)
+    resume = faults.resume_target(config)
     tokenizer, data, fingerprint, ref = prepare_run(config)
     _say_data(config, data)
     train_rows, eval_set = split_eval(config, tokenizer, data, ref)

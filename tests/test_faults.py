@@ -211,14 +211,14 @@ def test_disk_full_while_writing_a_checkpoint(tiny_config, tmp_path, monkeypatch
     assert "No space left on device" in message and "checkpoint-6" in message and "checkpoint-4" in message
     assert not faults.is_complete(tmp_path / "out" / "checkpoint-6")
     config.resume_from_checkpoint = True
-    assert train.resume_target(config).endswith("checkpoint-4")
+    assert faults.resume_target(config).endswith("checkpoint-4")
     assert not (tmp_path / "out" / "checkpoint-6").exists()  # the half-written one is removed
 
 
 def test_an_explicit_incomplete_checkpoint_is_refused(tiny_config, tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
     with pytest.raises(DpoLeanError, match="incomplete"):
-        train.resume_target(tiny_config(resume_from_checkpoint=str(tmp_path / "checkpoint-3")))
+        faults.resume_target(tiny_config(resume_from_checkpoint=str(tmp_path / "checkpoint-3")))
 
 
 # ---------------------------------------------------------------- a damaged or edited cache
