@@ -222,13 +222,15 @@ def cache_info(path, overrides):
         sys.exit(1)
 
 
-@main.command()
+@main.command(short_help="Try it: the whole pipeline on a tiny bundled model, on CPU.")
 @click.option("--output", "output", default="demo_output", show_default=True, type=click.Path(),
               help="Folder for the tiny model, the data, the cache and the trained adapter.")
 @click.option("--epochs", default=None, type=float, help="Override the demo's number of epochs.")
 @user_errors
 def demo(output, epochs):
-    """The whole pipeline on a bundled tiny model and generated data, on CPU, in a few minutes."""
+    """The whole pipeline on a bundled tiny model and generated data, on CPU, with no network: data-check,
+    precompute (2,000 rows), then 675 training steps; it prints the held-out reward accuracy before and after
+    training (about 0.5, then 1.0). It takes about 8 minutes of CPU time, at most 8 minutes on 2 free CPU cores."""
     from .demo import run_demo
 
     run_demo(output, epochs=epochs)
