@@ -109,13 +109,13 @@ class TrainProgress(TrainerCallback):
             return
         line = log_line(logs, state.global_step, state.max_steps)
         if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
+            self.bar.write(line)  # above the bar, on stdout with the run's other lines
             return
         done, elapsed = state.global_step - self.first_step, time.perf_counter() - self.t0
         if done > 0 and "train_runtime" not in logs:
             left = (state.max_steps - state.global_step) * elapsed / done
             line += f" | {duration(elapsed)} elapsed, ETA {duration(left)}"
-        click.echo(line, err=True)
+        click.echo(line)
 
     def on_train_end(self, args, state, control, **kwargs):
         for b in (self.eval_bar, self.bar):

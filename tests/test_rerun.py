@@ -44,7 +44,7 @@ def first(tmp_path_factory):
 
 def test_the_first_run_says_its_plan_then_one_line_per_log_step(first):
     _, _, result = first
-    lines = result.stderr.splitlines()
+    lines = result.stdout.splitlines()
     assert ("training: 6 optimizer steps (0.429 epochs of 14), 4 pairs per step (4 per device x 1 accumulation x 1 "
             "process)") in result.stdout
     steps = [line.split(" | ")[0] for line in lines if line.startswith(("step ", "eval at step "))]
