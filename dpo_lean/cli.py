@@ -230,7 +230,7 @@ def cache_info(path, overrides):
 def demo(output, epochs):
     """The whole pipeline on a bundled tiny model and generated data, on CPU, with no network: data-check,
     precompute (2,000 rows), then 675 training steps; it prints the held-out reward accuracy before and after
-    training (about 0.5, then 1.0). It takes about 8 minutes of CPU time, at most 8 minutes on 2 free CPU cores."""
+    training (about 0.5, then 1.0). About a minute on 2 CPU cores."""
     from .demo import run_demo
 
     run_demo(output, epochs=epochs)
