@@ -148,6 +148,15 @@ def test_sigterm_in_training_saves_a_checkpoint_and_a_plain_rerun_resumes_from_i
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 4, 6, 8]  # 6 and 8 after the resume
 
 
+def test_sigterm_before_anything_can_be_saved_stops_with_one_line(tiny_config, tmp_path):
+    config = tiny_config(output_dir=str(tmp_path / "out"))
+    path = _write_config(config, tmp_path / "cfg.yaml")
+    proc = run_until(Point("dpo_lean.data.pipeline", None, "encode_batches", 1, True), "train", path,
+                     signal="signal.SIGTERM")  # while the dataset is tokenised
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == "stopped by SIGTERM" and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("signal, status, said", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
 def test_ctrl_c_or_sigterm_in_precompute_keeps_every_finished_batch(signal, status, said, tiny_config, tmp_path):
     config = tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "cache"), cache_part_rows=16)
