@@ -101,6 +101,25 @@ def read_manifest(cache_dir: Path) -> dict | None:
                            "it") from None
 
 
+def check_setup(cache_dir: Path, setup: dict, problem: str, fix: str) -> None:
+    """Before anything expensive: refuse a cache whose fingerprint differs in the fields ``setup`` holds (a part of
+    the fingerprint computed without reading rows; fingerprint.cheap_fingerprint, setup_fingerprint). No cache: no
+    check; a damaged manifest is left to the full check that follows (precompute repairs it, train refuses it)."""
+    try:
+        manifest = read_manifest(cache_dir)
+    except DpoLeanError:
+        return
+    if not isinstance(manifest, dict):
+        return
+    check_format(cache_dir, manifest)
+    cached = manifest.get("fingerprint", {})
+    if not isinstance(cached, dict) or manifest.get("fingerprint_sha256") != fingerprint_digest(cached):
+        return
+    diffs = fingerprint_changes(manifest, setup)
+    if diffs:
+        raise DpoLeanError(f"cache {cache_dir} {problem}: {'; '.join(diffs)}; {fix}")
+
+
 def open_for_writing(cache_dir: Path, fingerprint: dict, expected: dict[str, int], overwrite: bool) -> None:
     """Create the cache (or check an existing one matches ``fingerprint``), record the rows this run's dataset
     holds, and remove this host's temporary parts whose writer is gone (never a live writer's).
@@ -281,11 +300,16 @@ def scan(cache_dir: Path) -> CacheState:
 
 
 def fingerprint_changes(manifest: dict, fingerprint: dict) -> list[str]:
-    """The compared fingerprint fields in which the cache differs from this run's ``fingerprint``; a readable older
-    format (FLOAT32_FORMAT) is not a difference: its rows are read, with a notice."""
-    version = manifest.get("format_version")
-    current = {**fingerprint, "format_version": version} if version in READABLE else fingerprint
-    return fingerprint_diff(manifest.get("fingerprint", {}), current)
+    """The compared fingerprint fields in which the cache differs from this run's ``fingerprint`` (or from the part
+    of it given). A readable older format (FLOAT32_FORMAT) is not a difference: its rows are read, with a notice; it
+    identified the tokenizer by its serialisation, so that digest stands in for today's."""
+    cached, version = manifest.get("fingerprint", {}), manifest.get("format_version")
+    current = fingerprint
+    if version in READABLE and version != FORMAT_VERSION:
+        current = {**fingerprint, "format_version": version}
+        if "tokenizer_sha256" in fingerprint:
+            current["tokenizer_sha256"] = fingerprint.get("tokenizer_serialised_sha256")
+    return fingerprint_diff({k: v for k, v in cached.items() if k in current}, current)
 
 
 def _parts_with_duplicate_rows(parts: list[tuple[str, int]], tables: list[pa.Table]) -> set[str]:

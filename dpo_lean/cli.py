@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 
 import click
 
-from .errors import DpoLeanError, Interrupted
+from .errors import DpoLeanError, Interrupted, Stopped
 
 
 def _quiet_libraries() -> None:
@@ -18,6 +20,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # bitsandbytes warns on import that an optional hub kernel is missing; dpo-lean never fetches it.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)  # its offline notice about that same hub kernel
     try:
         from transformers.utils import logging as hf_logging
 
@@ -28,22 +31,42 @@ def _quiet_libraries() -> None:
 
 
 def user_errors(fn):
-    """Turn a DpoLeanError into ``Error: <one line>`` and exit status 1, with no traceback."""
+    """Turn a DpoLeanError into ``Error: <one line>`` and exit status 1, with no traceback; a run stopped by a signal
+    exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process the signal killed."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = _stop_on_sigterm()
         try:
             return fn(*args, **kwargs)
         except Interrupted as e:
             click.echo(str(e), err=True)
-            sys.exit(130)
+            sys.exit(128 + e.signum)
         except DpoLeanError as e:
             raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            click.echo("interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}",
+                       err=True)
+            sys.exit(128 + signum)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _stop_on_sigterm():
+    """SIGTERM raises Stopped, as Ctrl-C raises KeyboardInterrupt: a scheduler's stop gets a message, the exit
+    status 143 and the cleanup a Ctrl-C gets (train and precompute save their work first: faults.GracefulStop).
+    The previous handler, or None off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _config(config_path, overrides):
@@ -62,7 +85,17 @@ def with_config(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+WORKFLOW = ("data-check", "precompute", "train", "evaluate", "export", "sweep", "cache-info", "config", "keys", "demo")
+
+
+class Workflow(click.Group):
+    """`--help` lists the commands in the order a run uses them, not alphabetically."""
+
+    def list_commands(self, ctx):
+        return sorted(self.commands, key=lambda n: WORKFLOW.index(n) if n in WORKFLOW else len(WORKFLOW))
+
+
+@click.group(cls=Workflow, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dpo-lean")
 def main():
     """dpo-lean: DPO with the reference run once into a cache, then a 4-bit LoRA policy trained alone.
@@ -72,7 +105,7 @@ def main():
     _quiet_libraries()
 
 
-@main.command("data-check")
+@main.command("data-check", short_help="Tokenise the data as training will: rows, skips, lengths.")
 @click.option("--show", type=click.IntRange(min=0), default=0, metavar="N",
               help="Print the first N kept rows as the model sees them: special tokens as \u27e6token\u27e7, "
                    "newlines as \u21b5, a line where each completion starts.")
@@ -87,7 +120,7 @@ def data_check(config_path, overrides, show=0, dump_ids=None):
     run_data_check(_config(config_path, overrides), show=show, dump_ids=dump_ids)
 
 
-@main.command()
+@main.command(short_help="Phase 1: run the reference once into the reference cache.")
 @with_config
 @user_errors
 def precompute(config_path, overrides):
@@ -108,7 +141,7 @@ def precompute(config_path, overrides):
         run_precompute(c)
 
 
-@main.command()
+@main.command(short_help="Phase 2: train the LoRA policy against the reference cache.")
 @with_config
 @user_errors
 def train(config_path, overrides):
@@ -130,7 +163,7 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
-@main.command()
+@main.command(short_help="Score an adapter: reward accuracy, margins, log-ratios, loss.")
 @with_config
 @user_errors
 def evaluate(config_path, overrides):
@@ -140,7 +173,7 @@ def evaluate(config_path, overrides):
     run_evaluate(_config(config_path, overrides))
 
 
-@main.command()
+@main.command(short_help="Train every combination of values on one cache; compare.")
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1, metavar="[key=v1,v2,... ...]")
 @user_errors
@@ -156,33 +189,54 @@ def sweep(config_path, overrides):
     run_sweep(config_path, overrides)
 
 
-@main.command("cache-info")
-@click.argument("cache_dir", type=click.Path())
+@main.command("cache-info", short_help="A reference cache: fingerprint, rows, values, completeness.")
+@click.argument("path", metavar="CACHE_DIR|CONFIG.yaml", type=click.Path())
+@click.argument("overrides", nargs=-1, metavar="[key=value ...]")
 @user_errors
-def cache_info(cache_dir):
-    """Fingerprint, rows, parts and value statistics of a cache; non-zero exit if incomplete or damaged."""
+def cache_info(path, overrides):
+    """Fingerprint, rows, parts and value statistics of a cache; non-zero exit if incomplete or damaged.
+
+    PATH is the cache folder, or a config (with key=value overrides) whose reference cache (ref_cache_dir, and
+    eval_ref_cache_dir with eval_dataset) is described.
+    """
+    from pathlib import Path
+
     from .cache_report import describe
 
-    ok, lines = describe(cache_dir)
-    for line in lines:
-        click.echo(line)
-    if not ok:
+    if Path(path).is_file():
+        config = _config(path, overrides)
+        if not config.needs_reference:
+            click.echo(f"pref_loss {config.pref_loss} is reference-free: it reads no reference cache")
+            return
+        folders = [c.resolved_ref_cache_dir for c in config.cache_configs()]
+    elif overrides:
+        raise DpoLeanError(f"cache-info {path}: key=value overrides go with a CONFIG.yaml, not a cache folder")
+    else:
+        folders = [path]
+    sound = True
+    for n, folder in enumerate(folders):
+        ok, lines = describe(folder)
+        click.echo("\n".join(([""] if n else []) + lines))
+        sound = sound and ok
+    if not sound:
         sys.exit(1)
 
 
-@main.command()
+@main.command(short_help="Try it: the whole pipeline on a tiny bundled model, on CPU.")
 @click.option("--output", "output", default="demo_output", show_default=True, type=click.Path(),
               help="Folder for the tiny model, the data, the cache and the trained adapter.")
 @click.option("--epochs", default=None, type=float, help="Override the demo's number of epochs.")
 @user_errors
 def demo(output, epochs):
-    """The whole pipeline on a bundled tiny model and generated data, on CPU, in a few minutes."""
+    """The whole pipeline on a bundled tiny model and generated data, on CPU, with no network: data-check,
+    precompute (2,000 rows), then 675 training steps; it prints the held-out reward accuracy before and after
+    training (about 0.5, then 1.0). About a minute on 2 CPU cores."""
     from .demo import run_demo
 
     run_demo(output, epochs=epochs)
 
 
-@main.command()
+@main.command(short_help="Merge the trained adapter into the base model; save it.")
 @with_config
 @user_errors
 def export(config_path, overrides):
@@ -192,11 +246,23 @@ def export(config_path, overrides):
     run_export(_config(config_path, overrides))
 
 
-@main.command()
+@main.command("config", short_help="See a run before it runs: keys, files, what is ready.")
+@with_config
+@user_errors
+def config_command(config_path, overrides):
+    """Print the resolved config (every key, its value, and where it came from: default, YAML or override), what
+    the run reads and writes, whether the prepared data and the reference cache already match, and where train
+    would start. From fingerprints and manifests: nothing is tokenised and no model is loaded."""
+    from .config_report import report
+
+    click.echo("\n".join(report(config_path, overrides)))
+
+
+@main.command(short_help="Config keys: type, default, LLaMA-Factory status, meaning.")
 @click.argument("names", nargs=-1, metavar="[KEY ...]")
 def keys(names):
     """Every config key (type, default, LLaMA-Factory status, meaning), and what dpo-lean does with each
-    LLaMA-Factory key it has no key for; with KEY names, just those keys."""
+    LLaMA-Factory key it has no key for; with KEY names, just those keys (an unknown one with the nearest key)."""
     from .keys import describe_key, key_table
 
     click.echo("\n".join(describe_key(n) for n in names) if names else key_table())

@@ -119,7 +119,7 @@ class Config:
 
     # --- training ---
     output_dir: str = _key("output", "Where the adapter, checkpoints and dpo_metrics/ go.", group="train")
-    overwrite_output_dir: bool = _key(False, "No effect (deprecated in LLaMA-Factory too): output_dir is written into as it is.", group="train", lf="no effect")
+    overwrite_output_dir: bool = _key(False, "train: start from step 0, removing output_dir's earlier checkpoints; by default a rerun resumes from the newest complete checkpoint in output_dir (as LLaMA-Factory).", group="train")
     per_device_train_batch_size: int = _key(1, "Preference pairs per device per step.", group="train", min=1)
     per_device_eval_batch_size: int = _key(1, "Preference pairs per device per eval step.", group="train", min=1)
     gradient_accumulation_steps: int = _key(1, "Micro-batches per optimizer step.", group="train", min=1)
@@ -148,13 +148,14 @@ class Config:
     eval_strategy: str | None = _key(None, "no, steps or epoch; default steps when there are held-out rows.", group="train", choices=(None, "no", "steps", "epoch"))
     eval_steps: int | None = _key(None, "Evaluate every this many steps; default logging_steps.", group="train", min=1)
     eval_on_start: bool = _key(False, "Evaluate once before the first step (the reference's own scores: loss ln 2).", group="train")
-    resume_from_checkpoint: bool | str | None = _key(None, "true = the latest checkpoint in output_dir, or a checkpoint folder.", group="train")
+    resume_from_checkpoint: bool | str | None = _key(None, "null = the newest complete checkpoint in output_dir if there is one (unless overwrite_output_dir); true = it, which must exist; a checkpoint folder; false = start from step 0.", group="train")
     report_to: str = _key("none", "none, tensorboard or wandb (comma-separated for several).", group="train", comma_list=True)
     run_name: str | None = _key(None, "Run name for the trackers.", group="train")
     dataloader_num_workers: int = _key(0, "Data-loading worker processes.", group="train", min=0)
     ddp_timeout: int = _key(1800, "Seconds a distributed process waits for the others.", group="train", min=1)
     deepspeed: str | None = _key(None, "DeepSpeed config file, as in transformers.", group="train")
     skip_nonfinite_steps: bool = _key(False, "Skip (and count) an optimizer step whose loss or gradients are NaN/inf, instead of stopping with the step and its rows.", group="train", lf=None)
+    disable_tqdm: bool | None = _key(False, "train: true = no progress bar, one line per log step instead (as where the output is not a terminal, e.g. a log file); false or null = a bar in a terminal.", group="train")
     plot_loss: bool = _key(True, "Write dpo_metrics/training_curves.png.", group="train")
 
     # --- evaluate and export ---
@@ -197,6 +198,11 @@ class Config:
     def cache_configs(self) -> list[Config]:
         """One config per reference cache this run reads: the dataset's, and eval_dataset's if set."""
         return [self, self.eval_set_config()] if self.eval_dataset else [self]
+
+    @property
+    def has_eval(self) -> bool:
+        """Are there rows to evaluate on: eval_dataset, or rows held out by val_size?"""
+        return bool(self.eval_dataset or self.val_size)
 
     @property
     def pref_losses(self) -> list[str]:
@@ -339,35 +345,38 @@ def _check_template(c: Config) -> None:
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read CONFIG.yaml (safe loader), apply ``key=value`` overrides on top, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise DpoLeanError(f"config file {str(p)!r} not found")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            problem = " ".join(str(getattr(e, "problem", None) or e).split())
-            raise DpoLeanError(f"config file {str(p)!r}{where}: not valid YAML ({problem})") from None
-        except UnicodeDecodeError:
-            raise DpoLeanError(f"config file {str(p)!r}: not UTF-8 text; save it as UTF-8") from None
-        except OSError as e:
-            raise DpoLeanError(f"config file {str(p)!r}: cannot be read ({e.strerror or e}); check its permissions") from None
-        except RecursionError:
-            raise DpoLeanError(f"config file {str(p)!r}: nested too deeply to read; a config is a flat mapping of key: value") from None
-        except ValueError as e:  # e.g. an integer of over 4300 digits
-            raise DpoLeanError(f"config file {str(p)!r}: a value cannot be read ({str(e).splitlines()[0]}); fix it") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise DpoLeanError(f"config file {str(p)!r} must be a mapping of key: value")
-        raw.update(loaded)
+    raw = read_config_file(path) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         raw[key] = value
     return from_dict(raw)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """CONFIG.yaml's mapping of key: value, as written (not validated); a one-line error if it cannot be read."""
+    p = Path(path)
+    if not p.is_file():
+        raise DpoLeanError(f"config file {str(p)!r} not found")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise DpoLeanError(f"config file {str(p)!r}{where}: not valid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise DpoLeanError(f"config file {str(p)!r}: not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise DpoLeanError(f"config file {str(p)!r}: cannot be read ({e.strerror or e}); check its permissions") from None
+    except RecursionError:
+        raise DpoLeanError(f"config file {str(p)!r}: nested too deeply to read; a config is a flat mapping of key: value") from None
+    except ValueError as e:  # e.g. an integer of over 4300 digits
+        raise DpoLeanError(f"config file {str(p)!r}: a value cannot be read ({str(e).splitlines()[0]}); fix it") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise DpoLeanError(f"config file {str(p)!r} must be a mapping of key: value")
+    return loaded
 
 
 def require(config: Config, *names: str) -> None:

@@ -14,6 +14,7 @@ from .data.pipeline import (
     length_stats,
     prepare_data,
     skip_summary,
+    truncation_note,
     write_skip_report,
 )
 from .data.records import SKIP_FIXES
@@ -34,6 +35,8 @@ def run_data_check(config: Config, show: int = 0, dump_ids: str | None = None) -
             click.echo(f"skipped rows: {write_skip_report(data, config.metrics_dir)}")
         check_rows_kept(data, config, shown_above=True)
     click.echo(f"rows truncated to cutoff_len={config.cutoff_len}: {data.num_truncated}")
+    if truncation_note(data):
+        click.echo(truncation_note(data))
     click.echo(f"{'tokens':<10}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}")
     for name, stats in length_stats(data.rows).items():
         click.echo(f"{name:<10}" + "".join(f"{stats[k]:>8}" for k in ("p50", "p90", "p99", "max")))

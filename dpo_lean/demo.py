@@ -21,6 +21,7 @@ DEMO_CONFIG = {
     "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "gradient_accumulation_steps": 1,
     "learning_rate": 1.5e-3, "num_train_epochs": 3.0, "lr_scheduler_type": "cosine", "warmup_ratio": 0.05,
     "val_size": 200, "eval_on_start": True, "eval_steps": 100, "logging_steps": 10, "save_steps": 250, "seed": 0,
+    "overwrite_output_dir": True,  # a rerun of the demo trains afresh rather than resuming the last run's checkpoints
 }
 
 
@@ -60,7 +61,6 @@ def run_demo(output: str | Path, epochs: float | None = None) -> dict:
     click.echo("\n== 2/3 precompute (the reference runs once) ==")
     run_precompute(config)
     click.echo("\n== 3/3 train (4-bit LoRA policy against the cache) ==")
-    # A rerun of the demo trains afresh rather than resuming an old run's checkpoints.
     run_train(config)
     history = json.loads((config.metrics_dir / "log_history.json").read_text())
     before, after = _accuracy_at_ends(history)

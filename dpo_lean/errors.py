@@ -1,4 +1,6 @@
-"""The one exception type for mistakes a user can make and fix."""
+"""The one exception type for mistakes a user can make and fix, and the two ways a run is stopped by a signal."""
+
+import signal
 
 _LINE_BREAKS = {c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}  # what str.splitlines splits on
 
@@ -18,4 +20,17 @@ class DpoLeanError(Exception):
 
 
 class Interrupted(DpoLeanError):
-    """The user stopped the run (Ctrl-C): the message says what was kept and how to go on; exit status 130."""
+    """The run was stopped by a signal (Ctrl-C, or SIGTERM from a scheduler) after saving what it could: the message
+    says what was kept and how to go on; exit status 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal that stops the run at once: SIGTERM where there is nothing to save, or a second Ctrl-C or SIGTERM."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)

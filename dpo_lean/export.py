@@ -29,6 +29,7 @@ import click
 from . import adapters, modeling
 from .adapters import Stack
 from .config import Config, require
+from .data.templates import fix_jinja_template
 from .errors import DpoLeanError
 
 _TRUST_HINT = "set use_safetensors_only: false only if you trust its pickle weights"
@@ -81,7 +82,11 @@ def run_export(config: Config) -> Path:
     for stack in stacks:
         merged = adapters.apply(merged, stack, config)
     merged.save_pretrained(export_dir, max_shard_size=f"{config.export_size}GB")
-    modeling.load_tokenizer(config).save_pretrained(export_dir)
+    tokenizer = modeling.load_tokenizer(config)
+    template_line = fix_jinja_template(tokenizer, config)  # serving formats prompts as training did
+    tokenizer.save_pretrained(export_dir)
+    if template_line:
+        click.echo(template_line)
     names = " + ".join(p for stack in stacks for p in stack.paths)
     dtype = str(merged.dtype).removeprefix("torch.")
     click.echo(f"merged model ({config.model_name_or_path} + {names}) saved to {export_dir} in {dtype} (loads with "

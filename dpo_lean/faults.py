@@ -1,16 +1,18 @@
 """Training under faults: Ctrl-C, non-finite steps, and which checkpoint is safe to resume from.
 
-- The first Ctrl-C lets the current step finish, saves a checkpoint and stops; a second one quits at once.
+- The first Ctrl-C or SIGTERM lets the current step finish, saves a checkpoint and stops; a second one quits at once.
 - A non-finite loss or gradient stops training before the optimizer applies it (the last checkpoint stays
   the last good one), naming the step and the rows of its batch; ``skip_nonfinite_steps`` skips such a
   step instead, and counts it. All processes agree on it, and a step the fp16 grad scaler skips is counted too.
 - A checkpoint is complete when its ``trainer_state.json`` (the Trainer writes it last) reads back;
-  resuming never picks a checkpoint that a kill or a full disk left half-written.
+  resuming never picks a checkpoint that a kill or a full disk left half-written. A plain rerun resumes from the
+  newest complete one, as LLaMA-Factory does; overwrite_output_dir starts over.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -20,7 +22,8 @@ import click
 import torch
 from transformers import TrainerCallback
 
-from .errors import DpoLeanError
+from . import launch
+from .errors import DpoLeanError, Interrupted, Stopped
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -62,41 +65,169 @@ def latest_complete(output_dir: Path, remove_incomplete: bool = False) -> Path |
     return None
 
 
-# ---------------------------------------------------------------- Ctrl-C
+def describe_checkpoint(checkpoint: Path) -> str:
+    """'step 40 of 100' from a complete checkpoint's trainer_state.json (', a finished run' at its last step)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    step, total = state.get("global_step"), state.get("max_steps")
+    return f"step {step} of {total}" + (", a finished run" if step and total and step >= total else "")
+
+
+def resume_plan(config) -> tuple[str | None, str]:
+    """Where train starts, decided without touching output_dir (:func:`resume_target` acts on it, `dpo-lean config`
+    shows it): the checkpoint to resume from (or None) and the line that says so; a one-line error where train
+    refuses. As LLaMA-Factory: unset, the newest complete checkpoint in output_dir (a plain rerun continues an
+    interrupted run) unless overwrite_output_dir starts over; an adapter there without a checkpoint is refused.
+    true: the newest complete one, which must exist; a folder: that checkpoint; false: step 0.
+    """
+    target, out = config.resume_from_checkpoint, Path(config.output_dir)
+    if target is None and config.overwrite_output_dir:
+        old = ", ".join(p.name for p in checkpoints(out))
+        removing = f"; removing the earlier run's {old}" if old else ""
+        return None, f"overwrite_output_dir: true: training starts from step 0 in {out}{removing}"
+    if target is False or str(target).lower() == "false":
+        return None, "resume_from_checkpoint: false: training starts from step 0"
+    if target is None or target is True or str(target).lower() == "true":
+        latest = latest_complete(out)
+        if latest is not None:
+            return str(latest), (f"resuming from {latest} ({describe_checkpoint(latest)}), the newest complete "
+                                 f"checkpoint in {out}" + ("; set overwrite_output_dir: true to start over instead"
+                                                           if target is None else ""))
+        if target is not None:
+            raise DpoLeanError(f"config key 'resume_from_checkpoint': true, but {out} holds no complete checkpoint-* "
+                               "folder; set it to null to start fresh")
+        _check_no_finished_adapter(out)
+        return None, ""
+    if not Path(target).is_dir():
+        raise DpoLeanError(f"config key 'resume_from_checkpoint': {target!r} is not a checkpoint folder")
+    if not is_complete(Path(target)):
+        raise DpoLeanError(f"config key 'resume_from_checkpoint': {target} is incomplete (no readable "
+                           "trainer_state.json; its save was cut short); use an earlier checkpoint or true")
+    return str(target), f"resuming from {target} ({describe_checkpoint(Path(target))})"
+
+
+def resume_target(config) -> str | None:
+    """The checkpoint Trainer.train resumes from (:func:`resume_plan`), said in one line. A checkpoint a kill or a
+    full disk left half-written is never picked, and is removed; overwrite_output_dir removes the earlier run's
+    checkpoints, so that no later rerun resumes from them."""
+    out, main = Path(config.output_dir), launch.is_main_process()
+    if config.resume_from_checkpoint in (None, True, "true"):
+        latest_complete(out, remove_incomplete=main)
+    checkpoint, line = resume_plan(config)
+    if line:
+        launch.say(line)
+    if config.resume_from_checkpoint is None and config.overwrite_output_dir and main:
+        for path in checkpoints(out):
+            shutil.rmtree(path, ignore_errors=True)
+    return checkpoint
+
+
+def _check_no_finished_adapter(out: Path) -> None:
+    """Refuse, as LLaMA-Factory does, to train over an adapter output_dir holds with no checkpoint to resume from."""
+    found = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if (out / n).is_file()]
+    if found:
+        raise DpoLeanError(f"output_dir {out} already holds a trained adapter ({found[0]}) and no checkpoint to resume "
+                           "from; set overwrite_output_dir: true to train over it, or choose another output_dir")
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def launcher_note() -> str:
+    """Under torchrun or accelerate launch (torch elastic), how long the launcher lets this process finish after it
+    forwards a signal before it SIGKILLs it; '' in a plain run."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and launch.world_size() == 1:
+        return ""
+    value = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    timeout = (f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={value}" if value else
+               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT is unset (30 s, unless torchrun --shutdown-timeout set another)")
+    return (f"; under a launcher: {timeout}: the launcher SIGKILLs this process that long after it forwards the "
+            "signal, so raise it if a step and a save take longer")
+
+
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM (SLURM, Kubernetes, `timeout`, a preempted machine; torchrun forwards both): the
+    first asks the running loop to stop at its next safe point (``requested``, ``signum``); a second one stops at
+    once (:class:`Stopped`). Handlers are installed from :meth:`start` (main thread only) until :meth:`close`."""
+
+    def __init__(self, doing: str):
+        self.doing = doing  # what happens now, for the message: "finishing this step and saving a checkpoint"
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise Stopped(signum)
+        self.signum = signum
+        if launch.is_main_process():
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            click.echo(f"\n{name}: {self.doing} (a second Ctrl-C or SIGTERM stops at once)"
+                       f"{launcher_note()}", err=True)
+
+    def start(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __enter__(self) -> GracefulStop:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def until_stopped(items, stop: GracefulStop):
+    """``items`` until ``stop`` is requested (checked before each one is taken)."""
+    for item in items:
+        if stop.requested:
+            return
+        yield item
 
 
 class StopOnInterrupt(TrainerCallback):
-    """SIGINT: finish the step, save a checkpoint, stop. Processes of a distributed run agree on the step."""
+    """Ctrl-C or SIGTERM: finish the step, save a checkpoint, stop. Processes of a distributed run agree on the step
+    (and on the signal, for the exit status)."""
 
     def __init__(self):
-        self.interrupted = False
-        self._previous = None
+        self.stop = GracefulStop("finishing this step and saving a checkpoint")
+        self.signum: int | None = None  # the signal, once every process agreed to stop
 
-    def _handle(self, signum, frame):
-        if self.interrupted:
-            raise KeyboardInterrupt
-        self.interrupted = True
-        click.echo("\ninterrupted: finishing this step and saving a checkpoint (Ctrl-C again to quit now)", err=True)
+    @property
+    def interrupted(self) -> bool:
+        return self.signum is not None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.stop.start()
 
     def on_step_end(self, args, state, control, **kwargs):
-        flag = self.interrupted
+        signum = self.stop.signum or 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            t = torch.tensor([float(flag)], device=args.device)
+            t = torch.tensor([float(signum)], device=args.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = bool(t.item())
-        if flag:
-            self.interrupted = True
+            signum = int(t.item())
+        if signum:
+            self.signum = signum
             control.should_save = True
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        self.stop.close()
+
+    def error(self, step: int, output_dir: Path) -> Interrupted:
+        """What train raises once stopped: the step, the checkpoint saved, how to go on; the signal's exit status."""
+        by = "" if self.signum == signal.SIGINT else f" by {signal.Signals(self.signum).name}"
+        return Interrupted(f"interrupted{by} at step {step}; checkpoint saved to {latest_complete(output_dir)}; rerun "
+                           "`dpo-lean train CONFIG.yaml` to resume from it", self.signum)
 
 
 # ---------------------------------------------------------------- non-finite steps
@@ -212,6 +343,6 @@ def nonfinite_message(error: NonFiniteStep, output_dir: Path) -> str:
 
 def write_error_message(error: OSError, output_dir: Path) -> DpoLeanError:
     last = latest_complete(output_dir)
-    resume = (f"; free space and resume from {last} with resume_from_checkpoint=true" if last
+    resume = (f"; free space and rerun `dpo-lean train CONFIG.yaml`: it resumes from {last}" if last
               else "; free space or choose another output_dir")
     return DpoLeanError(f"cannot write {error.filename or output_dir}: {error.strerror or error}{resume}")

@@ -19,14 +19,15 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DpoLeanError
+from .paths import check_local
 from .storage import atomic_write_text
 
 PREPARED_FORMAT_VERSION = 1  # of the prepared data (data/prepared.py)
 # 2: + the tail columns (LD-DPO); 3: + ids_sha256, rows matched by id, whole-file digests; 4: log-probs in float64
 FORMAT_VERSION = 4
 INFORMATIONAL_PREFIXES = ("dataset.", "runtime.")
-INFORMATIONAL = {"dpo_lean_version", "model.name_or_path", "model.revision", "reference.model.name_or_path",
-                 "reference.model.revision", "reference.adapter_paths"}
+INFORMATIONAL = {"dpo_lean_version", "tokenizer_serialised_sha256", "model.name_or_path", "model.revision",
+                 "reference.model.name_or_path", "reference.model.revision", "reference.adapter_paths"}
 # The config keys the reference cache's identity comes from, by what they set: its compared fingerprint fields, and
 # the rows' token ids that each cached row's ids_sha256 is checked against. One cache serves one value of each, so a
 # sweep (which shares its base's cache) cannot vary them. tests/test_cache_identity.py records the keys the
@@ -98,10 +99,13 @@ def file_sha256(path: Path) -> str:
     entry = memo.get(str(real))
     if isinstance(entry, dict) and entry.get("stamp") == _stamp(st) and _SHA256.fullmatch(str(entry.get("sha256"))):
         return entry["sha256"]
+    from .progress import bar
+
     h = hashlib.sha256()
-    with open(real, "rb") as fh:
+    with open(real, "rb") as fh, bar(st.st_size, f"hashing {real.name}", "B", unit_scale=True, unit_divisor=1024) as shown:
         for block in iter(lambda: fh.read(1 << 24), b""):
             h.update(block)
+            shown.update(len(block))
     memo = _read_memo(memo_file)  # another process may have added entries meanwhile
     memo[str(real)] = {"stamp": _stamp(st), "sha256": h.hexdigest()}
     try:
@@ -135,6 +139,7 @@ def _locate(name_or_path: str, filename: str, revision: str, cache_dir: str | No
     local = Path(name_or_path)
     if local.is_dir():
         return local
+    check_local(name_or_path, key, what)
     from transformers.utils import cached_file
 
     try:
@@ -194,6 +199,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())
 
 
+def serialised_tokenizer_sha256(tokenizer) -> str:
+    """The tokenizer's identity in cache format 3 and before: its backend's serialisation and special tokens.
+    Recorded as information; compared only with a cache of that format (cache.fingerprint_changes)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return sha256_bytes((body + json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)).encode())
+
+
 def runtime_info(config) -> dict:
     """Library versions and the attention kernel: recorded so a report can say what computed a cache."""
     def version(name: str) -> str | None:
@@ -206,18 +219,32 @@ def runtime_info(config) -> dict:
             "flash_attn": config.flash_attn}
 
 
+def cheap_fingerprint(config, tokenizer) -> dict:
+    """The compared fields that cost nothing to compute (no weights hashed, no row read): what a changed
+    cutoff_len, truncation_mode, template or tokenizer changes. Checked first, before any expensive step."""
+    from .data.templates import definition_text, template_for
+
+    return {"format_version": FORMAT_VERSION, "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+            "tokenizer_serialised_sha256": serialised_tokenizer_sha256(tokenizer),
+            "template": config.template,
+            "template_sha256": sha256_bytes(definition_text(template_for(config, tokenizer)).encode()),
+            "cutoff_len": config.cutoff_len, "truncation_mode": config.truncation_mode}
+
+
+def setup_fingerprint(config, tokenizer, reference: dict) -> dict:
+    """Every compared field, without reading a row: the cheap ones, the model's content (whole-file digests, hashed
+    once and remembered) and how the reference is loaded (``reference``: modeling.reference_spec)."""
+    return {**cheap_fingerprint(config, tokenizer),
+            "model": model_fingerprint(config.model_name_or_path, config.model_revision, config.cache_dir),
+            "reference": reference}
+
+
 def build_fingerprint(config, tokenizer, data, reference: dict) -> dict:
     """Everything the cached values depend on, and what is recorded beside it. ``reference``: how the reference is
     loaded (modeling.reference_spec: precision, quantization, dtype; and, when set, its own model and adapters)."""
     return {
-        "format_version": FORMAT_VERSION,
-        "model": model_fingerprint(config.model_name_or_path, config.model_revision, config.cache_dir),
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
-        "template": config.template,
+        **setup_fingerprint(config, tokenizer, reference),
         "template_sha256": sha256_bytes(data.chat_template.encode()),
-        "cutoff_len": config.cutoff_len,
-        "truncation_mode": config.truncation_mode,
-        "reference": reference,
         "dataset": {"spec": config.dataset, "max_samples": config.max_samples, "rows": data.num_rows,
                     "content_sha256": data.content_sha256, "sources": data.sources},
         "runtime": runtime_info(config),

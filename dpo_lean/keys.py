@@ -7,6 +7,7 @@ so neither can drift from :mod:`dpo_lean.config` and :mod:`dpo_lean.lf_keys`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import textwrap
 
 from . import lf_keys
@@ -31,14 +32,16 @@ def describe_key(name: str) -> str:
     if name in FIELDS:
         who = {None: "dpo-lean's own key", "honoured": "LLaMA-Factory's key, honoured",
                "no effect": "LLaMA-Factory's key, no effect"}[status]
-        return f"{name}: {who}; default {_shown(_default(name))}: {FIELDS[name].metadata['help']}"
+        return f"{name}: {who}; default {shown_value(_default(name))}: {FIELDS[name].metadata['help']}"
     if status == lf_keys.NO_EFFECT_STATUS:
         return f"{name}: LLaMA-Factory's key, no effect here (any value): {lf_keys.NO_EFFECT[name]}"
     if status == lf_keys.REFUSED_STATUS:
         accepted = lf_keys.accepted_values(name)
         unless = "" if accepted == "never" else f" unless {accepted}"
         return f"{name}: LLaMA-Factory's key, refused{unless}: {lf_keys.REFUSED[name][1]}"
-    return f"{name}: not a key of dpo-lean or of LLaMA-Factory 0.9.5's train command"
+    close = difflib.get_close_matches(name, [*FIELDS, *lf_keys.NO_EFFECT, *lf_keys.REFUSED], n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else "; `dpo-lean keys` lists them all"
+    return f"{name}: not a key of dpo-lean or of LLaMA-Factory 0.9.5's train command{hint}"
 
 
 def _default(name: str):
@@ -46,7 +49,8 @@ def _default(name: str):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
-def _shown(value) -> str:
+def shown_value(value) -> str:
+    """A value as the key table writes it: null, true, false, or the value."""
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -79,7 +83,7 @@ def key_table(markdown: bool = False) -> str:
             group = meta["group"]
             lines += ([""] if lines else []) + ([f"### {group}", "", "| key | type | default | LF | meaning |",
                                                   "| --- | --- | --- | --- | --- |"] if markdown else [f"[{group}]"])
-        shown, lf = _shown(_default(f.name)), meta["lf"] or "-"
+        shown, lf = shown_value(_default(f.name)), meta["lf"] or "-"
         if markdown:
             lines.append(f"| `{f.name}` | {_type_name(f.name)} | `{shown}` | {lf} | {_markdown_cell(meta['help'])} |")
         else:

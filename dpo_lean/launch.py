@@ -41,6 +41,11 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def say(message: str) -> None:
     """Print on the main process only, so that N processes print a line once."""
     if is_main_process():

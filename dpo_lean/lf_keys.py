@@ -181,7 +181,7 @@ NO_EFFECT: dict[str, str] = {
     "preprocessing_batch_size": "tokenisation batching does not change its result",
     "skip_memory_metrics": "peak_memory_gb is always logged",
     "log_level": "dpo-lean keeps the libraries' logs quiet", "log_level_replica": "dpo-lean keeps the libraries' logs quiet",
-    "log_on_each_node": "only the main process prints", "disable_tqdm": "progress bars show on the main process",
+    "log_on_each_node": "only the main process prints",
     "local_rank": "set by torchrun/accelerate (LOCAL_RANK)",
     "logging_first_step": "the first step is always logged (its loss shows where policy and reference start)",
 }

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import adapters, launch
+from . import adapters, launch, paths
 from .config import Config
 from .data.templates import prepare_tokenizer
 from .errors import DpoLeanError
@@ -53,6 +53,7 @@ def compute_dtype(config: Config, dev: torch.device, precision: str = "base") ->
 def load_tokenizer(config: Config):
     from transformers import AutoTokenizer
 
+    paths.check_local(config.model_name_or_path, "model_name_or_path", "model folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             config.model_name_or_path, revision=config.model_revision, cache_dir=config.cache_dir,
@@ -310,6 +311,21 @@ def describe_reference(config: Config) -> str:
     how = f"{_loading(config, True)['dtype']}{', NF4' if quantized else ''}"
     start = " (the policy's starting point)" if reference_is_start(config) else ""
     return f"reference: {key} {name}{on}, {how}{start}"
+
+
+def lf_reference_note(config: Config) -> str:
+    """One line where this run's reference is not LLaMA-Factory's: when training continues an adapter of
+    adapter_name_or_path and no ref_model is set, LF's reference is the policy with that adapter switched off (the
+    base, with the adapters merged before it); dpo-lean's is the starting point, that adapter included."""
+    stack = adapters.start_stack(config)
+    if config.ref_model or stack.top is None:
+        return ""
+    lf = " + ".join([config.model_name_or_path, *stack.merged])
+    keys = f"ref_model: {config.model_name_or_path}" + (f", ref_model_adapters: {','.join(stack.merged)}"
+                                                         if stack.merged else "")
+    keys += ", ref_model_quantization_bit: 4" if config.quantization_bit == 4 else ""
+    return (f"reference: the starting point, {stack.top} included; LLaMA-Factory's reference here is {lf} without "
+            f"it (the policy with its adapter switched off); {keys} makes it LF's")
 
 
 def reference_is_start(config: Config) -> bool:

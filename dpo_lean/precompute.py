@@ -9,24 +9,25 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 
 import click
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from . import cache, launch, modeling
+from . import cache, faults, launch, modeling
 from .config import Config, require
-from .data.pipeline import prepare_data, skip_summary, write_skip_report
+from .data.pipeline import prepare_data, skip_summary, truncation_note, write_skip_report
 from .data.prepared import PreparedRows
 from .data.tokenize import TokenizedRow
 from .errors import DpoLeanError, Interrupted
-from .fingerprint import build_fingerprint
+from .fingerprint import build_fingerprint, cheap_fingerprint, setup_fingerprint
 from .layout import Sharing, collate, describe_layout, prefix_sharing
 from .logprobs import batch_logps
 from .measure import memory_metrics
+from .progress import bar
 
 
 def plan_parts(rows: PreparedRows, batch_size: int, part_rows: int) -> list[list[np.ndarray]]:
@@ -186,13 +187,16 @@ def run_precompute(config: Config) -> dict:
     tokenizer = modeling.load_tokenizer(config)
     if config.ref_model:
         modeling.check_reference_tokenizer(config, tokenizer)
+    cache_dir = config.resolved_ref_cache_dir
+    _check_cache_first(config, tokenizer)
     data = prepare_data(config, tokenizer)
     click.echo(data.describe())
     click.echo(f"data: {skip_summary(data)}")
+    if truncation_note(data):
+        click.echo(truncation_note(data))
     if data.skips:
         click.echo(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
     fingerprint = build_fingerprint(config, tokenizer, data, modeling.reference_spec(config))
-    cache_dir = config.resolved_ref_cache_dir
     distinct = distinct_positions(data.rows.ids)
     rows = data.rows.subset(distinct)
     if len(rows) < len(data.rows):
@@ -222,20 +226,12 @@ def run_precompute(config: Config) -> dict:
     n_rows = sum(len(b) for _, batches in todo for b in batches)
     layout = describe_layout(sharing)
     click.echo(modeling.describe_reference(config))
+    if modeling.lf_reference_note(config):
+        click.echo(modeling.lf_reference_note(config))
     kept = f" ({cached} of {len(rows)} rows already cached, kept)" if cached else ""
     click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}{kept}, {layout} -> {cache_dir}")
     t0 = time.perf_counter()
-    try:
-        with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:
-            progress.tokens, progress.t0 = 0, t0
-            for plan_index, batches in todo:
-                columns = compute_part(score, (rows.take(b) for b in batches), progress)
-                cache.write_part(cache_dir, cache.part_name(plan_index, columns["id"]), columns, fingerprint)
-    except KeyboardInterrupt:
-        state = cache.scan(cache_dir)
-        raise Interrupted(f"interrupted: {state.cached_expected} of {len(state.expected)} rows are "
-                          f"cached in complete parts in {cache_dir}; rerun `dpo-lean precompute CONFIG.yaml` "
-                          "to compute the rest") from None
+    progress = write_parts(score, rows, todo, cache_dir, fingerprint, n_rows)
     seconds = time.perf_counter() - t0
     return _finish(cache_dir, {"rows": n_rows, "tokens": progress.tokens, "seconds": round(seconds, 3),
                                "shard": f"{shard_index}/{num_shards}", "device": str(dev),
@@ -262,6 +258,39 @@ def _kept_float32_cache(cache_dir, fingerprint: dict, rows: PreparedRows) -> dic
     click.echo(cache.float32_notice(cache_dir))
     click.echo(f"cache {cache_dir}: nothing to compute; all {len(rows)} rows are cached")
     return {"rows": 0, "tokens": 0, "seconds": 0.0, "complete": True, "cached_rows": len(rows)}
+
+
+def _check_cache_first(config: Config, tokenizer) -> None:
+    """Refuse a cache made for other settings before anything is tokenised or loaded: the fields that cost nothing
+    first, then the model's and reference's digests (overwrite_cache=true replaces the cache instead)."""
+    if config.overwrite_cache:
+        return
+    cache_dir = config.resolved_ref_cache_dir
+    problem, fix = "was built for something else", "use another ref_cache_dir, or overwrite_cache=true to replace it"
+    cache.check_setup(cache_dir, cheap_fingerprint(config, tokenizer), problem, fix)
+    cache.check_setup(cache_dir, setup_fingerprint(config, tokenizer, modeling.reference_spec(config)), problem, fix)
+
+
+def write_parts(score: BatchScorer, rows: PreparedRows, todo, cache_dir, fingerprint: dict, n_rows: int):
+    """Score each part of ``todo`` and write it; the progress bar, with ``tokens`` scored. The first Ctrl-C or
+    SIGTERM stops after the batch in hand, keeping every finished batch (a part cut short is written with them);
+    Interrupted says how many rows are cached."""
+    stop = faults.GracefulStop("finishing this batch, saving the rows done and stopping")
+    try:
+        with stop, bar(n_rows, "reference log-probs", "row", delay=0) as progress:
+            progress.tokens, progress.t0 = 0, time.perf_counter()
+            for plan_index, batches in todo:
+                columns = compute_part(score, faults.until_stopped((rows.take(b) for b in batches), stop), progress)
+                if columns["id"]:
+                    cache.write_part(cache_dir, cache.part_name(plan_index, columns["id"]), columns, fingerprint)
+                if stop.requested:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt as e:
+        state = cache.scan(cache_dir)
+        raise Interrupted(f"interrupted: {state.cached_expected} of {len(state.expected)} rows are "
+                          f"cached in complete parts in {cache_dir}; rerun `dpo-lean precompute CONFIG.yaml` "
+                          "to compute the rest", stop.signum or getattr(e, "signum", signal.SIGINT)) from None
+    return progress
 
 
 def _usable_rows(cache_dir, rows: PreparedRows) -> set[str]:

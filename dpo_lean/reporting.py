@@ -197,9 +197,13 @@ def _series(rows: list[tuple[str, dict]], split: str, metric: str) -> tuple[list
 
 
 def _draw_panel(ax, rows: list[tuple[str, dict]], metric: str) -> None:
-    """One metric against step: train raw + smoothed, eval points."""
+    """One metric against step (whole-number ticks: a short run's steps are not 1.25, 1.5): train raw + smoothed,
+    eval points."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_title(metric)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     steps, values = _series(rows, "train", metric)
     marker = "o" if len(steps) == 1 else None
     if steps and metric in UNSMOOTHED:
@@ -220,18 +224,26 @@ def _draw_panel(ax, rows: list[tuple[str, dict]], metric: str) -> None:
 
 def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
     """Save a 2x2 PNG of loss, reward margins, reward accuracies and learning rate against step."""
+    fig = draw_curves(history)
+    import matplotlib.pyplot as plt
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def draw_curves(history: list[dict]):
+    """The 2x2 figure of loss, reward margins, reward accuracies and learning rate against step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = list(_rows(history))
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    try:
-        for ax, metric in zip(axes.flat, PLOT_PANELS):
-            _draw_panel(ax, rows, metric)
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    for ax, metric in zip(axes.flat, PLOT_PANELS):
+        _draw_panel(ax, rows, metric)
+    return fig
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:
@@ -252,6 +264,19 @@ def step0_report(logratios) -> tuple[dict[str, float], str]:
                f"{chosen:+.4f}, rejected {rejected:+.4f} nats (the reference is not the starting point, so the "
                "step-0 loss is not ln 2)")
     return {"chosen": chosen, "rejected": rejected, "pairs": len(logratios)}, message
+
+
+def tie_note(accuracies) -> str:
+    """Where dpo-lean's reward accuracy differs from TRL's and LLaMA-Factory's: ``accuracies`` holds each pair's
+    (1 right, 0 wrong, 0.5 a tie: equal rewards, as where the policy is still the reference); dpo-lean counts a tie
+    as half, TRL 1.16 (``(chosen_rewards > rejected_rewards).float()``) and LF as a miss. One line, or '' with no tie."""
+    ties, n = int((accuracies == 0.5).sum()), len(accuracies)
+    if not ties:
+        return ""
+    ours, theirs = float(accuracies.double().mean()), float((accuracies == 1).double().mean())
+    return (f"rewards/accuracies: {ties} of {n} pairs tie (equal rewards: the policy is still the reference); dpo-lean "
+            f"counts a tie as half ({ours:.3f} here), TRL and LLaMA-Factory as wrong (chosen > rejected only: "
+            f"{theirs:.3f})")
 
 
 def _with_logs(history: list[dict], logs: dict | None, state) -> list[dict]:

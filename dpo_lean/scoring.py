@@ -19,10 +19,30 @@ from .config import Config, require
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.prepared import PreparedRows
 from .errors import DpoLeanError
-from .fingerprint import build_fingerprint
+from .fingerprint import build_fingerprint, cheap_fingerprint, setup_fingerprint
 from .layout import Sharing, collate
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps", "ref_rejected_tail_logps")
+
+
+MISMATCH = "does not match this run"
+REBUILD = "rebuild it with `dpo-lean precompute CONFIG.yaml overwrite_cache=true`"
+
+
+def _require_cache(cache_dir: Path) -> None:
+    if not (Path(cache_dir) / cache.MANIFEST).exists():
+        raise DpoLeanError(f"no reference cache at {cache_dir}; run `dpo-lean precompute CONFIG.yaml` first "
+                           "(or set ref_cache_dir)")
+
+
+def check_cache_setup(config: Config, tokenizer) -> None:
+    """Refuse a missing reference cache, or one made for other settings, before anything is tokenised or hashed:
+    the fields that cost nothing (cutoff_len, template, tokenizer...) first, then the model's and reference's."""
+    for c in config.cache_configs():
+        _require_cache(c.resolved_ref_cache_dir)
+        cache.check_setup(c.resolved_ref_cache_dir, cheap_fingerprint(c, tokenizer), MISMATCH, REBUILD)
+        cache.check_setup(c.resolved_ref_cache_dir, setup_fingerprint(c, tokenizer, modeling.reference_spec(c)),
+                          MISMATCH, REBUILD)
 
 
 def load_reference(config: Config, fingerprint: dict, rows: PreparedRows,
@@ -30,16 +50,13 @@ def load_reference(config: Config, fingerprint: dict, rows: PreparedRows,
     """id -> the REF_COLUMNS values for every row, after checking the cache is the right one and that each
     row was cached from the token ids it has now. Cached rows the dataset no longer holds are not used."""
     cache_dir = config.resolved_ref_cache_dir
-    if not (Path(cache_dir) / cache.MANIFEST).exists():
-        raise DpoLeanError(f"no reference cache at {cache_dir}; run `dpo-lean precompute CONFIG.yaml` first "
-                           "(or set ref_cache_dir)")
+    _require_cache(cache_dir)
     state = cache.scan(cache_dir)  # refuses a format it cannot read in one line
     if state.format_version == cache.FLOAT32_FORMAT:
         launch.say(cache.float32_notice(cache_dir))
     diffs = cache.fingerprint_changes(state.manifest, fingerprint)
     if diffs:
-        raise DpoLeanError(f"cache {cache_dir} does not match this run: {'; '.join(diffs)}; "
-                           f"rebuild it with `dpo-lean precompute CONFIG.yaml overwrite_cache=true`")
+        raise DpoLeanError(f"cache {cache_dir} {MISMATCH}: {'; '.join(diffs)}; {REBUILD}")
     damaged = [p for p in state.problems if not p.startswith(cache.EXPECTED)]  # train needs no expected list
     if damaged:
         raise DpoLeanError(f"cache {cache_dir} is damaged: {'; '.join(damaged)}; "
@@ -108,13 +125,14 @@ def to_dataset(rows: PreparedRows, ref: dict | None):
     from datasets import Dataset
 
     dataset = Dataset.from_file(str(rows.path))
+    dataset = dataset.select_columns(["row_index", "prompt_ids", "chosen_ids", "rejected_ids", "length"])
+    if ref is not None:  # the whole file's rows, before the subset: a column added after a select copies every row
+        ids = rows.table.column("id").to_pylist()
+        nan = (float("nan"),) * len(REF_COLUMNS)  # a row of the file outside ``rows`` (never selected below)
+        for i, name in enumerate(REF_COLUMNS):
+            dataset = dataset.add_column(name, [ref.get(r, nan)[i] for r in ids])
     if rows.positions is not None:
         dataset = dataset.select(rows.positions, keep_in_memory=True)  # the index map only; no cache file beside it
-    dataset = dataset.select_columns(["row_index", "prompt_ids", "chosen_ids", "rejected_ids", "length"])
-    if ref is not None:
-        ids = rows.ids
-        for i, name in enumerate(REF_COLUMNS):
-            dataset = dataset.add_column(name, [ref[r][i] for r in ids])
     return dataset
 
 
@@ -150,6 +168,8 @@ def prepare_run(config: Config):
     """
     require(config, "model_name_or_path", "dataset")
     tokenizer = modeling.load_tokenizer(config)
+    if config.needs_reference:
+        check_cache_setup(config, tokenizer)
     data = prepare_data(config, tokenizer)
     if not config.needs_reference:
         return tokenizer, data, None, None

@@ -16,16 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
 from . import adapters, faults, launch, lr_schedule, modeling
 from .config import Config
-from .data.pipeline import skip_summary, write_skip_report
-from .errors import DpoLeanError, Interrupted
+from .data.pipeline import skip_summary, truncation_note, write_skip_report
+from .data.templates import fix_jinja_template
+from .errors import DpoLeanError
 from .layout import describe_layout, prefix_sharing
 from .logprobs import batch_scores
 from .measure import memory_metrics
 from .objective import RewardBaseline, pair_metrics
+from .progress import TrainProgress
+from .reporting import tie_note
 from .sampling import LengthGroupedSampler
 from .scoring import EvalSet, PairCollator, prepare_run, split_eval, to_dataset
 from .step_zero import StartCheck
@@ -55,11 +58,15 @@ class DPOLeanTrainer(Trainer):
         self.guard = faults.NonFiniteGuard(skip=dpo.skip_nonfinite_steps)
         self.guard.accelerator = self.accelerator
         self.add_callback(self.guard)
+        for default in (ProgressCallback, PrinterCallback):  # they print the raw metrics dict: ours, a line
+            self.remove_callback(default)
+        self.add_callback(TrainProgress(show_bar=not self.args.disable_tqdm))
         # (policy - reference) per pair in the first step, when the reference is not the starting point
         self.step0: list[torch.Tensor] | None = None if modeling.reference_is_start(dpo) else []
         self.step0_logratios: dict[str, float] | None = None
         # when it is, the first step's policy must score as the cache does, up to rounding (step_zero.py)
         self.start_check = StartCheck.for_run(dpo)
+        self.tie_said = False  # reporting.tie_note, said once
 
     @property
     def reward_baseline(self):
@@ -130,6 +137,11 @@ class DPOLeanTrainer(Trainer):
     def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
         prefix = "" if mode == "train" else "eval_"
+        accuracies = self._metrics[mode]["rewards/accuracies"]
+        note = tie_note(torch.cat(accuracies)) if accuracies and not self.tie_said else ""
+        if note:  # once, where it applies (at step 0, and in the first eval when eval_on_start)
+            launch.say(note)
+            self.tie_said = True
         for key, values in self._metrics[mode].items():
             if values:
                 logs[prefix + key] = torch.cat(values).mean().item()
@@ -186,13 +198,23 @@ def training_arguments(config: Config, has_eval: bool):
         train_sampling_strategy="random",  # group_by_length: DPOLeanTrainer uses its own seeded sampler
         logging_steps=config.logging_steps, logging_first_step=True,
         save_strategy=config.save_strategy, save_steps=config.save_steps, save_total_limit=config.save_total_limit,
-        save_only_model=config.save_only_model,
+        save_only_model=config.save_only_model, disable_tqdm=bool(config.disable_tqdm),
         eval_strategy=eval_strategy, eval_steps=config.eval_steps or config.logging_steps,
         eval_on_start=config.eval_on_start and has_eval,
-        report_to=report_to, run_name=config.run_name, dataloader_num_workers=config.dataloader_num_workers,
+        report_to=report_to, run_name=config.run_name, dataloader_num_workers=_loader_workers(config),
         ddp_timeout=config.ddp_timeout, deepspeed=config.deepspeed,
         remove_unused_columns=False, ddp_find_unused_parameters=False,
     )
+
+
+def _loader_workers(config: Config) -> int:
+    """dataloader_num_workers, at most the CPUs this process may run on (said once: the DataLoader would warn at
+    every epoch and evaluation)."""
+    cpus = launch.cpus()
+    if config.dataloader_num_workers > cpus:
+        launch.say(f"dataloader_num_workers {config.dataloader_num_workers}: this machine has {cpus} CPUs; loading "
+                   f"batches with {cpus} worker processes")
+    return min(config.dataloader_num_workers, cpus)
 
 
 def _check_trackers(report_to) -> None:
@@ -205,29 +227,26 @@ def _check_trackers(report_to) -> None:
                                "or set report_to: none")
 
 
-def resume_target(config: Config) -> str | None:
-    """The checkpoint Trainer.train resumes from: true = the newest complete one in output_dir, or a given one.
-
-    A checkpoint a kill or a full disk left half-written is never picked (with true, it is removed).
-    """
-    target = config.resume_from_checkpoint
-    if target in (None, False, ""):
-        return None
-    if target is True or str(target).lower() == "true":
-        latest = faults.latest_complete(Path(config.output_dir), remove_incomplete=launch.is_main_process())
-        if latest is None:
-            raise DpoLeanError(f"config key 'resume_from_checkpoint': true, but {config.output_dir} holds no "
-                               "complete checkpoint-* folder; set it to null to start fresh")
-        return str(latest)
-    if not Path(target).is_dir():
-        raise DpoLeanError(f"config key 'resume_from_checkpoint': {target!r} is not a checkpoint folder")
-    if not faults.is_complete(Path(target)):
-        raise DpoLeanError(f"config key 'resume_from_checkpoint': {target} is incomplete (no readable "
-                           "trainer_state.json; its save was cut short); use an earlier checkpoint or true")
-    return str(target)
-
-
 # ---------------------------------------------------------------- the procedure
+
+
+def _say_data(config: Config, data) -> None:
+    """How the data was prepared, rows kept and skipped, how rows were cut (main process)."""
+    launch.say(data.describe())
+    launch.say(f"data: {skip_summary(data)}")
+    if truncation_note(data):
+        launch.say(truncation_note(data))
+    if data.skips and launch.is_main_process():
+        launch.say(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
+
+
+def final_evaluation(trainer) -> dict:
+    """The evaluation of the trained policy: the one Trainer logged at the last step (eval_steps divides the steps),
+    else a new one. Evaluating again would log (and write to training_metrics.csv) the same evaluation twice."""
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return {k: v for k, v in last.items() if k.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def _reference_note(config: Config, eval_set: EvalSet) -> str:
@@ -242,18 +261,17 @@ def run_train(config: Config) -> dict:
     from .reporting import MetricsWriter
 
     t0 = time.perf_counter()
+    args = training_arguments(config, config.has_eval)  # everything that can refuse the run, before any data work
+    resume = faults.resume_target(config)
     tokenizer, data, fingerprint, ref = prepare_run(config)
-    launch.say(data.describe())
-    launch.say(f"data: {skip_summary(data)}")
-    if data.skips and launch.is_main_process():
-        launch.say(f"skipped rows listed in {write_skip_report(data, config.metrics_dir)}")
+    _say_data(config, data)
     train_rows, eval_set = split_eval(config, tokenizer, data, ref)
     launch.say(f"train: {len(train_rows)} pairs" + (f", eval: {len(eval_set.rows)} pairs" if eval_set.rows else "")
          + f"; {_reference_note(config, eval_set)} (data ready in {time.perf_counter() - t0:.1f} s)")
-    args = training_arguments(config, bool(eval_set.rows))
-    resume = resume_target(config)
     launch.say(adapters.describe_start(config) + ("" if modeling.reference_is_start(config) else
                                             f"; {modeling.describe_reference(config)} (from the cache)"))
+    if modeling.lf_reference_note(config):
+        launch.say(modeling.lf_reference_note(config))
     model = modeling.prepare_policy(config)
     dtype = modeling.compute_dtype(config, modeling.device())
     sharing = prefix_sharing(config, model, dtype)
@@ -262,6 +280,7 @@ def run_train(config: Config) -> dict:
                      "rows": {"train": len(train_rows), "eval": len(eval_set.rows), "skipped": len(data.skips)}}
     if eval_set.fingerprint:
         summary_extra["eval_cache_fingerprint"] = eval_set.fingerprint
+    fix_jinja_template(tokenizer, config)  # the adapter's saved tokenizer formats prompts as training did
     writer = MetricsWriter(config.metrics_dir, plot=config.plot_loss, extra_summary=lambda: summary_extra)
     interrupt = faults.StopOnInterrupt()
     baseline = [RewardBaseline()] if config.pref_bco_weight else []
@@ -278,11 +297,11 @@ def run_train(config: Config) -> dict:
         raise DpoLeanError(faults.nonfinite_message(e, Path(config.output_dir))) from None
     except OSError as e:
         raise faults.write_error_message(e, Path(config.output_dir)) from None
+    finally:
+        interrupt.stop.close()  # Ctrl-C and SIGTERM stop at once again
     seconds = time.perf_counter() - t0
     if interrupt.interrupted:
-        last = faults.latest_complete(Path(config.output_dir))
-        raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved to {last}; resume with "
-                          "`dpo-lean train CONFIG.yaml resume_from_checkpoint=true`")
+        raise interrupt.error(trainer.state.global_step, Path(config.output_dir))
     summary_extra["nonfinite_steps_skipped"] = trainer.guard.skipped
     summary_extra["grad_scaler_steps_skipped"] = trainer.guard.scaler_skipped
     if trainer.step0_logratios:
@@ -291,7 +310,7 @@ def run_train(config: Config) -> dict:
     summary_extra.update(memory_metrics(args.device))
     if trainer.reward_baseline is not None:
         summary_extra["reward_baseline"] = trainer.reward_baseline.state()["args"]  # `dpo-lean evaluate` reads it
-    final_eval = trainer.evaluate() if eval_set.rows else {}
+    final_eval = final_evaluation(trainer) if eval_set.rows else {}
     trainer.save_model(config.output_dir)
     summary_extra["finished"] = True  # written last: `dpo-lean sweep` skips a run whose summary says so
     writer.on_train_end(args, trainer.state, trainer.control)  # again, now with the final eval and speed

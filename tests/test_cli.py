@@ -23,7 +23,7 @@ from dpo_lean.config import Config
 from dpo_lean.data.records import SKIP_REASONS
 
 FIXTURE_CACHE = FIXTURES / "demo" / "ref_cache"
-COMMANDS = ["precompute", "train", "data-check", "cache-info", "demo", "export", "keys", "evaluate", "sweep"]
+WORKFLOW = ["data-check", "precompute", "train", "evaluate", "export", "sweep", "cache-info", "config", "keys", "demo"]
 
 
 def write_config(tmp_path: Path, **overrides) -> Path:
@@ -89,11 +89,12 @@ def assert_table_sane(table: dict, cutoff_len: int) -> None:
 # ---------------------------------------------------------------- commands and errors
 
 
-def test_help_lists_every_command():
+def test_help_lists_every_command_in_workflow_order_one_whole_line_each():
     result = invoke("--help")
     assert result.exit_code == 0
-    listed = re.findall(r"^  ([a-z-]+)\s", result.stdout.split("Commands:")[1], re.M)
-    assert sorted(listed) == sorted(COMMANDS)
+    lines = result.stdout.split("Commands:")[1].strip("\n").splitlines()
+    assert [line.split()[0] for line in lines] == WORKFLOW  # no line wrapped onto a second one
+    assert not [line for line in lines if line.rstrip().endswith("...")]  # no description cut short
 
 
 def _executable() -> str:
@@ -344,6 +345,55 @@ def test_cache_info_deleted_part_is_incomplete(tmp_path):
     assert f"rows: {DEMO_ROWS - removed_rows} of {DEMO_ROWS}" in result.stdout
     assert "INCOMPLETE" in result.stdout
     assert "status: complete" not in result.stdout
+
+
+def test_cache_info_takes_a_config_like_every_other_command(tmp_path):
+    config = write_config(tmp_path, ref_cache_dir=str(FIXTURE_CACHE))
+    by_config, by_folder = invoke("cache-info", config), invoke("cache-info", FIXTURE_CACHE)
+    assert by_config.exit_code == 0, by_config.output
+    assert by_config.stdout == by_folder.stdout and f"cache: {FIXTURE_CACHE}" in by_config.stdout
+    damaged, _ = _copy_cache(tmp_path)
+    next(damaged.glob("part-*.parquet")).unlink()
+    result = invoke("cache-info", config, f"ref_cache_dir={damaged}")
+    assert result.exit_code == 1 and "INCOMPLETE" in result.stdout
+
+
+def test_config_shows_each_value_and_its_origin_the_files_and_what_is_ready_without_tokenising(tmp_path, monkeypatch):
+    import dpo_lean.data.pipeline as pipeline
+
+    cache = tmp_path / "ref_cache"
+    shutil.copytree(FIXTURE_CACHE, cache)
+    cfg = write_config(tmp_path, ref_cache_dir=str(cache))
+
+    def show(*overrides):
+        with monkeypatch.context() as m:
+            m.setattr(pipeline, "encode_batches", lambda *a, **k: pytest.fail("config tokenised the dataset"))
+            result = invoke("config", cfg, *overrides)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    out = show("learning_rate=1e-4")
+    assert re.search(r"^  learning_rate +0\.0001 +override$", out, re.M)
+    assert re.search(rf"^  model_name_or_path +{re.escape(str(FIXTURES / 'tiny-model'))} +YAML$", out, re.M)
+    assert re.search(r"^  pref_beta +0\.1 +default$", out, re.M)
+    assert f"  dataset demo_case: {FIXTURES / 'demo' / 'demo_case.json'}" in out
+    assert f"  reference cache: {cache} (precompute)" in out
+    assert "  prepared data: not made yet for these settings: the next command tokenises the dataset" in out
+    assert "  reference cache: made for these settings (64 rows cached)" in out and "  train: from step 0" in out
+    invoke("data-check", cfg)
+    out = show()
+    assert re.search(r"^  prepared data: ready, 64 of 64 rows kept \(.*\.arrow\)$", out, re.M)
+    assert "  reference cache: matches these settings; 64 of the 64 distinct rows are cached" in out
+    out = show("cutoff_len=96")
+    assert ("not made yet for these settings: the next command tokenises the dataset (the prepared data there was "
+            "made for other settings: cutoff_len: 128 -> 96)") in out
+    assert f"  reference cache: cache {cache} does not match: cutoff_len: 128 -> 96;" in out
+
+
+def test_keys_offers_the_near_key_for_a_typo():
+    result = CliRunner().invoke(main, ["keys", "learning_rte"])
+    assert result.stdout.strip() == ("learning_rte: not a key of dpo-lean or of LLaMA-Factory 0.9.5's train command; "
+                                     "did you mean 'learning_rate'?")
 
 
 def test_cache_info_missing_directory(tmp_path):

@@ -8,6 +8,7 @@ falls back to gloo): a 2-process run equals a 1-process run with the same global
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -76,7 +77,7 @@ def assert_same_history(got: list[dict], expected: list[dict]) -> None:
     for g, e in zip(logs(got, "loss"), logs(expected, "loss")):
         for key in COMPARED:
             assert g[key] == pytest.approx(e[key], rel=1e-5, abs=1e-5), (e["step"], key)
-    assert len(logs(got, "eval_loss")) == len(logs(expected, "eval_loss")) == 3  # steps 4, 8 and the final one
+    assert len(logs(got, "eval_loss")) == len(logs(expected, "eval_loss")) == 2  # steps 4 and 8, the final one
     for g, e in zip(logs(got, "eval_loss"), logs(expected, "eval_loss")):
         for key in ("loss", *COMPARED[3:]):
             assert g[f"eval_{key}"] == pytest.approx(e[f"eval_{key}"], rel=1e-5, abs=1e-5), (e["step"], key)
@@ -202,3 +203,44 @@ def test_a_non_finite_step_on_one_rank_is_skipped_by_all_ranks_together(tmp_path
     ranks = [torch.load(tmp_path / f"lora-rank{r}.pt") for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 0
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+
+SIGTERM_TO_LAUNCHER = textwrap.dedent("""
+    import os, signal, sys, time, transformers
+    real, calls = transformers.Trainer.training_step, []
+
+    def step(self, *args, **kwargs):  # in step 3, rank 0 has the launcher signalled, as SLURM or Kubernetes would
+        calls.append(1)
+        if len(calls) == 3 and os.environ["RANK"] == "0":
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(3)  # the launcher forwards SIGTERM to both ranks while this step runs
+        return real(self, *args, **kwargs)
+
+    transformers.Trainer.training_step = step
+    from dpo_lean.cli import main
+    sys.argv = ["dpo-lean", "train", sys.argv[1]]
+    main()
+""")
+
+
+def test_sigterm_to_torchrun_saves_a_checkpoint_and_stops_every_rank(tmp_path):
+    """torchrun forwards SIGTERM to its processes: they agree to finish the step, save one checkpoint, stop with a
+    message that gives the launcher's shutdown timeout (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), and exit non-zero."""
+    from dpo_lean import faults
+
+    out = tmp_path / "out"
+    raw = fixture_raw(tmp_path, per_device_train_batch_size=2, max_steps=40, logging_steps=1, save_steps=100,
+                      val_size=0, learning_rate=5e-3, lora_rank=8, output_dir=str(out))
+    config = write_config(tmp_path / "cfg.yaml", raw)
+    script = tmp_path / "sigterm_to_launcher.py"
+    script.write_text(SIGTERM_TO_LAUNCHER)
+    env = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script), str(config)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-4000:]
+    assert output.count("SIGTERM: finishing this step and saving a checkpoint") == 1  # said by rank 0 only
+    assert "under a launcher: TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120: the launcher SIGKILLs this process" in output
+    assert f"interrupted by SIGTERM at step 3; checkpoint saved to {out / 'checkpoint-3'}" in output
+    assert "Traceback" not in proc.stdout and [p.name for p in faults.checkpoints(out)] == ["checkpoint-3"]
+    assert faults.is_complete(out / "checkpoint-3")

@@ -113,9 +113,8 @@ def test_eval_dataset_gets_its_own_cache_from_precompute_and_train_evaluates_on_
     raw = fixture_raw(tmp_path, eval_dataset=str(tmp_path / "held_out.json"), max_steps=2, save_strategy="no",
                       per_device_train_batch_size=4, per_device_eval_batch_size=8, eval_steps=2)
     config = from_dict(raw)
-    tokenizer, data, _, ref = scoring.prepare_run(config)
     with pytest.raises(DpoLeanError, match=r"no reference cache at .*ref_cache_eval; run `dpo-lean precompute"):
-        scoring.split_eval(config, tokenizer, data, ref)
+        scoring.prepare_run(config)  # train reads both caches: a missing one is refused before anything is tokenised
 
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import FIXTURES
 from killing import Point, kill_at, run_until
 
 from dpo_lean import cache, faults, scoring, train
@@ -20,6 +21,7 @@ from dpo_lean.errors import DpoLeanError
 from dpo_lean.precompute import run_precompute
 
 SEED = 20261126
+FIXTURE_CACHE = FIXTURES / "demo" / "ref_cache"
 
 
 def _cached(cache_dir) -> pd.DataFrame:
@@ -124,22 +126,51 @@ def test_ctrl_c_in_training_saves_a_checkpoint_and_says_how_to_resume(tiny_confi
                      signal="signal.SIGINT")
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert "interrupted at step 5; checkpoint saved to" in proc.stderr
-    assert "resume_from_checkpoint=true" in proc.stderr and "Traceback" not in proc.stderr
+    assert "rerun `dpo-lean train CONFIG.yaml` to resume from it" in proc.stderr and "Traceback" not in proc.stderr
     assert faults.is_complete(tmp_path / "out" / "checkpoint-5")
     config.resume_from_checkpoint = True
     train.run_train(config)
     assert json.loads((config.metrics_dir / "summary.json").read_text())["global_step"] == 16
 
 
-def test_ctrl_c_in_precompute_keeps_every_complete_part(tiny_config, tmp_path):
+def test_sigterm_in_training_saves_a_checkpoint_and_a_plain_rerun_resumes_from_it(tiny_config, tmp_path):
+    """What SLURM, Kubernetes, `timeout` and a preempted machine send: treated as the first Ctrl-C, exit 143."""
+    config = tiny_config(**{**TRAIN, "save_steps": 100, "max_steps": 8}, output_dir=str(tmp_path / "out"))
+    path = _write_config(config, tmp_path / "cfg.yaml")
+    proc = run_until(Point("transformers", "Trainer", "training_step", 5, True), "train", path,
+                     signal="signal.SIGTERM")
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "SIGTERM: finishing this step and saving a checkpoint" in proc.stderr
+    assert (f"interrupted by SIGTERM at step 5; checkpoint saved to {tmp_path / 'out' / 'checkpoint-5'}; rerun "
+            "`dpo-lean train CONFIG.yaml` to resume from it") in proc.stderr and "Traceback" not in proc.stderr
+    train.run_train(config)  # the same config: resumes from checkpoint-5
+    history = json.loads((config.metrics_dir / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 4, 6, 8]  # 6 and 8 after the resume
+
+
+def test_sigterm_before_anything_can_be_saved_stops_with_one_line(tiny_config, tmp_path):
+    config = tiny_config(output_dir=str(tmp_path / "out"))
+    path = _write_config(config, tmp_path / "cfg.yaml")
+    proc = run_until(Point("dpo_lean.data.pipeline", None, "encode_batches", 1, True), "train", path,
+                     signal="signal.SIGTERM")  # while the dataset is tokenised
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == "stopped by SIGTERM" and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("signal, status, said", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+def test_ctrl_c_or_sigterm_in_precompute_keeps_every_finished_batch(signal, status, said, tiny_config, tmp_path):
     config = tiny_config(copy_cache=False, ref_cache_dir=str(tmp_path / "cache"), cache_part_rows=16)
     path = _write_config(config, tmp_path / "cfg.yaml")
     proc = run_until(Point("dpo_lean.precompute", None, "batch_logps", 5, True), "precompute", path,
-                     signal="signal.SIGINT")
-    assert proc.returncode == 130, proc.stderr[-2000:]
-    assert "interrupted: 32 of 64 rows are cached in complete parts" in proc.stderr
+                     signal=f"signal.{signal}")
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert f"{said}: finishing this batch, saving the rows done and stopping" in proc.stderr
+    # 8 rows a batch: two parts of 16, then the 5th batch, which the signal let finish, in a part of its own
+    assert "interrupted: 40 of 64 rows are cached in complete parts" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert run_precompute(config)["rows"] == 32
+    assert run_precompute(config)["rows"] == 24
+    pd.testing.assert_frame_equal(_cached(config.resolved_ref_cache_dir), _cached(FIXTURE_CACHE), check_exact=False,
+                                  atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------- a full disk
@@ -189,14 +220,14 @@ def test_disk_full_while_writing_a_checkpoint(tiny_config, tmp_path, monkeypatch
     assert "No space left on device" in message and "checkpoint-6" in message and "checkpoint-4" in message
     assert not faults.is_complete(tmp_path / "out" / "checkpoint-6")
     config.resume_from_checkpoint = True
-    assert train.resume_target(config).endswith("checkpoint-4")
+    assert faults.resume_target(config).endswith("checkpoint-4")
     assert not (tmp_path / "out" / "checkpoint-6").exists()  # the half-written one is removed
 
 
 def test_an_explicit_incomplete_checkpoint_is_refused(tiny_config, tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
     with pytest.raises(DpoLeanError, match="incomplete"):
-        train.resume_target(tiny_config(resume_from_checkpoint=str(tmp_path / "checkpoint-3")))
+        faults.resume_target(tiny_config(resume_from_checkpoint=str(tmp_path / "checkpoint-3")))
 
 
 # ---------------------------------------------------------------- a damaged or edited cache

@@ -191,6 +191,8 @@ def _as_old_format(cache_dir, version: int, drop: list[str]):
 
     manifest = json.loads((cache_dir / cache.MANIFEST).read_text())
     manifest["fingerprint"]["format_version"] = manifest["format_version"] = version
+    # the tokenizer was identified by its serialisation then (fingerprint.serialised_tokenizer_sha256)
+    manifest["fingerprint"]["tokenizer_sha256"] = manifest["fingerprint"].pop("tokenizer_serialised_sha256")
     manifest["fingerprint_sha256"] = digest = fingerprint_digest(manifest["fingerprint"])
     for part in cache_dir.glob("part-*.parquet"):
         table = pq.read_table(part).drop_columns(drop)

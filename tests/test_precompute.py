@@ -114,8 +114,14 @@ def test_rerun_of_a_complete_cache_computes_nothing(tiny_config):
     assert run_precompute(tiny_config())["rows"] == 0
 
 
-def test_refuses_to_mix_into_a_cache_with_another_fingerprint(tiny_config):
-    with pytest.raises(DpoLeanError) as err:
+def test_refuses_to_mix_into_a_cache_with_another_fingerprint(tiny_config, monkeypatch):
+    import dpo_lean.data.pipeline as pipeline
+
+    def tokenising(*args, **kwargs):
+        raise AssertionError("the dataset was tokenised before the cache was refused")
+
+    with monkeypatch.context() as m, pytest.raises(DpoLeanError) as err:
+        m.setattr(pipeline, "encode_batches", tokenising)
         run_precompute(tiny_config(cutoff_len=64))
     assert "cutoff_len: 128 -> 64" in str(err.value) and "overwrite_cache" in str(err.value)
     summary = run_precompute(tiny_config(cutoff_len=64, overwrite_cache=True))

@@ -249,7 +249,7 @@ def test_a_comma_list_merges_in_order_and_create_new_adapter_trains_a_new_lora(t
     (dict(adapter_name_or_path="{a}", create_new_adapter=True), ("create_new_adapter: true on a 4-bit base",)),
     (dict(adapter_name_or_path="{tmp}/out/checkpoint-2"), ("'adapter_name_or_path'", "lies in output_dir",
                                                           "trained_adapter")),
-    (dict(adapter_name_or_path="{tmp}/missing"), ("'adapter_name_or_path'", "missing", "neither a local adapter")),
+    (dict(adapter_name_or_path="{tmp}/missing"), ("'adapter_name_or_path'", "missing", "no adapter folder is there")),
     (dict(ref_model="{tmp}/tok", quantization_bit=None), ("'ref_model'", "another tokenizer", "vocabulary")),
 ])
 def test_start_and_reference_mistakes_are_one_line_errors(tmp_path, overrides, fragments):

@@ -45,7 +45,7 @@ def test_training_lowers_the_loss_and_evals_do_not_break_it(trained):
     _, _, history = trained
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
-    assert len(evals) >= 4  # start, steps 8, 16, 24 (+ the final evaluate): 4-bit CPU model survives evals
+    assert len(evals) >= 4  # start, steps 8, 16, 24 (the final one): 4-bit CPU model survives evals
     assert losses[-1] < losses[0] - 0.1  # training goes on lowering the loss across the evals
     assert all(math.isfinite(x) for x in losses + [e["eval_loss"] for e in evals])
 
@@ -130,9 +130,18 @@ def _other_tokenizer(tmp_path):
     ("truncation_mode", lambda p: {"truncation_mode": "keep_start"}),
     ("reference.precision", lambda p: {"ref_precision": "fp32"}),
 ])
-def test_refuses_a_cache_built_for_something_else(field, overrides, tiny_config, tmp_path):
+def test_refuses_a_cache_built_for_something_else(field, overrides, tiny_config, tmp_path, monkeypatch):
+    """... before the dataset is tokenised (which would replace the prepared data the cache was made from)."""
+    import dpo_lean.data.pipeline as pipeline
+
+    config = tiny_config(**overrides(tmp_path))
+
+    def tokenising(*args, **kwargs):
+        raise AssertionError("the dataset was tokenised before the cache was refused")
+
+    monkeypatch.setattr(pipeline, "encode_batches", tokenising)
     with pytest.raises(DpoLeanError) as err:
-        scoring.prepare_run(tiny_config(**overrides(tmp_path)))
+        scoring.prepare_run(config)
     message = str(err.value)
     assert f"{field}:" in message and "dpo-lean precompute" in message and "\n" not in message
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .. import storage
+from .. import launch, progress, storage
 from ..config import Config, require
 from ..errors import DpoLeanError
 from ..fingerprint import prepared_digest, prepared_fingerprint
@@ -40,6 +39,7 @@ class PreparedData:
     reused: bool = False  # read from an earlier command's prepared data, not tokenised now
     seconds: float = 0.0  # to tokenise and write it, or to find and open it
     workers: int = 1
+    truncation_mode: str = "keep_end"  # how rows over cutoff_len were cut
 
     @property
     def num_truncated(self) -> int:
@@ -96,7 +96,7 @@ def prepare_data(config: Config, tokenizer, dataset: str | None = None, require_
     meta, rows = found
     data = PreparedData(rows, prepared.skips_of(meta), meta["num_rows"], meta["sources"], meta["content_sha256"],
                         meta["chat_template"], rows.path, reused, time.perf_counter() - t0,
-                        1 if reused else _workers(config))
+                        1 if reused else _workers(config), config.truncation_mode)
     _check_skips(data, config)
     if require_rows:
         check_rows_kept(data, config)
@@ -106,7 +106,7 @@ def prepare_data(config: Config, tokenizer, dataset: str | None = None, require_
 def _workers(config: Config) -> int:
     """preprocessing_num_workers, at most the CPUs this process may run on (said once)."""
     asked = config.preprocessing_num_workers or 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = launch.cpus()
     if asked > cpus:
         message = f"preprocessing_num_workers {asked}: this machine has {cpus} CPUs; tokenising in {cpus} processes"
         if message not in _SAID:
@@ -143,10 +143,18 @@ def _build(config: Config, tokenizer, template, template_text: str, directory: P
                 content.update(f"{r.row_index}:{r.id}\n".encode())
             yield records, skips
 
+    def counted(batches, shown):
+        for batch, skips in batches:
+            if summary.rows_found > (shown.total or 0):  # a streamed file's rows are counted before they are read
+                shown.total = summary.rows_found
+            shown.update(batch.num_rows + len(skips))
+            yield batch, skips
+
     batches = encode_batches(hashed(), tokenizer, template, config.cutoff_len, config.truncation_mode, _workers(config))
-    prepared.write(directory, key, batches, lambda: {
-        "dataset": config.dataset, "fingerprint": fp, "num_rows": summary.num_rows, "sources": summary.sources,
-        "content_sha256": content.hexdigest(), "chat_template": template_text})
+    with progress.bar(summary.rows_found or None, "tokenising", "row") as shown:
+        prepared.write(directory, key, counted(batches, shown), lambda: {
+            "dataset": config.dataset, "fingerprint": fp, "num_rows": summary.num_rows, "sources": summary.sources,
+            "content_sha256": content.hexdigest(), "chat_template": template_text})
 
 
 def _check_skips(data: PreparedData, config: Config) -> None:
@@ -184,8 +192,23 @@ def skip_summary(data: PreparedData) -> str:
     if data.skips:
         line += ", skipped: " + ", ".join(f"{k} {v}" for k, v in data.skip_counts().most_common())
     if data.num_truncated:
-        line += f"; {data.num_truncated} truncated to cutoff_len"
+        line += f"; {data.num_truncated} truncated to cutoff_len ({data.truncation_mode})"
     return line
+
+
+_CUTS = {"keep_end": "lost their prompt's start or their completions' end",
+         "keep_start": "kept their whole prompt and lost their completions' end"}
+
+
+def truncation_note(data: PreparedData) -> str:
+    """One line where rows were cut otherwise than LLaMA-Factory cuts them (its mode and how LF differs); ''
+    where none was, or truncation_mode is llamafactory."""
+    if not data.num_truncated or data.truncation_mode not in _CUTS:
+        return ""
+    return (f"truncation_mode {data.truncation_mode}: the {data.num_truncated} truncated rows "
+            f"{_CUTS[data.truncation_mode]}; LLaMA-Factory cuts otherwise (prompt and completions keep their starts, "
+            "cutoff_len shared by their lengths), so these rows differ from LF's; truncation_mode: llamafactory cuts "
+            "as LF does")
 
 
 def write_skip_report(data: PreparedData, directory: Path) -> Path:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import DpoLeanError
 from ..fingerprint import file_sha256
+from ..paths import did_you_mean, looks_like_path
 from .formats import FormatSpec, detect_layout, normalise_rows
 from .readers import JSON_DECODER, first_line, iter_file
 from .records import Record, Skip
@@ -37,6 +38,7 @@ class LoadedData:
     records: list[Record] = field(default_factory=list)  # kept rows, in load order
     skips: list[Skip] = field(default_factory=list)  # every row not kept, with reason
     num_rows: int = 0  # rows read in total (= len(records) + len(skips))
+    rows_found: int = 0  # rows counted so far, for progress: a file's count is known before its rows are yielded
     sources: list[dict] = field(default_factory=list)  # {"name", "path", "sha256", "rows", "layout"} per dataset
 
 
@@ -78,6 +80,7 @@ def stream_records(dataset: str, dataset_dir: str = "data", max_samples: int | N
             layout = detect_layout(_counted(open_rows(), count), fmt)
         except OSError as exc:
             raise _unreadable(resolved.path, exc) from None
+        summary.rows_found += count[0]
         if not count[0] and max_samples != 0:
             raise DpoLeanError(f"{label}: dataset '{spec}' has no rows; point at a file with preference pairs")
         if count[0] and layout is None:
@@ -132,6 +135,20 @@ def source_identity(dataset: str, dataset_dir: str = "data") -> dict[str, dict] 
 
 # --- finding a dataset --------------------------------------------------------------------------
 
+def where(dataset: str, dataset_dir: str = "data") -> list[str]:
+    """Where each dataset spec's rows come from, one line each, without reading them: 'spec: path' or 'spec: hub
+    dataset id (split, revision)'."""
+    out = []
+    for spec in (s.strip() for s in str(dataset or "").split(",") if s.strip()):
+        resolved = _resolve(spec, Path(dataset_dir))
+        if resolved.hub is not None:
+            hub = resolved.hub
+            out.append(f"{spec}: hub dataset {hub['id']} (split {hub['split']}, revision {hub['revision'] or 'latest'})")
+        else:
+            out.append(f"{spec}: {resolved.path}")
+    return out
+
+
 def _resolve(spec: str, base: Path) -> _Resolved:
     """A file path (as given or under dataset_dir), then a registered name, then a hub id ``org/name``."""
     tried: list[str] = []
@@ -144,6 +161,9 @@ def _resolve(spec: str, base: Path) -> _Resolved:
     registry, registry_path = _load_registry(base), base / REGISTRY
     if spec in registry:
         return _from_entry(spec, registry[spec], base, registry_path)
+    if looks_like_path(spec):  # a mistyped file, not a hub id: said at once, with the nearest name
+        raise DpoLeanError(f"dataset '{spec}' not found: no file {' or '.join(map(str, dict.fromkeys(candidates)))}"
+                           f"{did_you_mean(*candidates) or '; fix the path'} (a hub dataset id has the form org/name)")
     if _HUB_ID.match(spec) and Path(spec).suffix.lower() not in SUFFIXES:
         return _Resolved(spec, FormatSpec(), hub={"id": spec, "subset": None, "split": "train", "revision": None})
     if registry:

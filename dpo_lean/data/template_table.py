@@ -323,3 +323,6 @@ _TABLE: dict[str, dict] = {
 }
 
 LF_TEMPLATES: dict[str, Template] = {name: make_template(name, **entry) for name, entry in _TABLE.items()}
+# The templates whose Jinja form LF writes over a tokenizer's own chat template (replace_jinja_template=True); for
+# every other one it writes it only into a tokenizer that has none.
+REPLACES_JINJA = frozenset({"alpaca", "chatml", "chatml_de", "default", "ernie_vl", "fewshot", "vicuna"})

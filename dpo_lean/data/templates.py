@@ -17,7 +17,7 @@ import click
 
 from ..errors import DpoLeanError
 from .template_model import Template
-from .template_table import LF_TEMPLATES
+from .template_table import LF_TEMPLATES, REPLACES_JINJA
 
 # Text only: prompt turns joined by a blank line, each assistant turn follows directly and ends with EOS.
 # For a TRL standard row (prompt, chosen strings) this is exactly TRL's tokenisation: prompt + chosen + eos.
@@ -72,6 +72,22 @@ def chat_template_for(name: str, tokenizer) -> str:
     if isinstance(template, dict):  # several named templates: the default one renders conversations
         template = template.get("default") or next(iter(template.values()))
     return template
+
+
+def fix_jinja_template(tokenizer, config) -> str:
+    """Give ``tokenizer`` the chat template training used, as LF's ``fix_jinja_template``: an LF template (or plain)
+    as Jinja where the tokenizer has none, or where LF's template replaces the tokenizer's own. A line saying what
+    was done ('' for template auto, the tokenizer's own)."""
+    from .template_jinja import to_jinja
+
+    if config.template in ("auto", None):
+        return ""
+    if getattr(tokenizer, "chat_template", None) and config.template not in REPLACES_JINJA:
+        return (f"chat template: the tokenizer's own is kept, as LLaMA-Factory keeps it (training used template "
+                f"{config.template}); template=auto in data-check --show shows how it formats a row")
+    template = template_for(config, tokenizer)
+    tokenizer.chat_template = template if isinstance(template, str) else to_jinja(template, tokenizer)
+    return f"chat template: template {config.template} saved with the tokenizer as Jinja (chat_template.jinja)"
 
 
 def definition_text(template: str | Template) -> str:
