@@ -113,6 +113,7 @@ def _trl_trainer(raw: dict, precompute: bool):
     from trl import DPOConfig, DPOTrainer
 
     from dpo_lean import modeling
+    from dpo_lean.families import ATTN_IMPLEMENTATIONS
 
     config = _config(raw)
     dev = modeling.device()
@@ -120,7 +121,7 @@ def _trl_trainer(raw: dict, precompute: bool):
     model = AutoModelForCausalLM.from_pretrained(
         raw["model_name_or_path"], dtype=dtype, quantization_config=modeling.quantization_config(config, dtype),
         device_map={"": dev.index} if dev.type == "cuda" else None,
-        attn_implementation=modeling.ATTN_IMPLEMENTATIONS[config.flash_attn])  # the attention dpo-lean's rows use
+        attn_implementation=ATTN_IMPLEMENTATIONS[config.flash_attn])  # the attention dpo-lean's rows use
     if precompute and dev.type == "cpu":
         # TRL's precompute pass runs the 4-bit model in eval mode without gradients; on an x86 CPU bitsandbytes
         # then repacks the weights for good and training fails. dpo-lean's guard keeps TRL trainable here.

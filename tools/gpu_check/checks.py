@@ -198,3 +198,6 @@ class _Tee:
     def flush(self) -> None:
         for s in self.streams:
             s.flush()
+
+    def isatty(self) -> bool:  # a log, not a terminal: progress is printed line by line
+        return False
