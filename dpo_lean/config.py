@@ -153,6 +153,8 @@ class Config:
     dataloader_num_workers: int = _key(0, "Data-loading worker processes.", group="train", min=0)
     ddp_timeout: int = _key(1800, "Seconds a distributed process waits for the others.", group="train", min=1)
     deepspeed: str | None = _key(None, "DeepSpeed config file, as in transformers.", group="train")
+    fsdp: bool | str | None = _key(None, "Shard the model, its LoRA and optimizer state over the processes of a torchrun/accelerate launch (FSDP2 through accelerate, as transformers' fsdp): true, or transformers' words full_shard, shard_grad_op, offload, auto_wrap. accelerate launch with an FSDP config file does the same.", group="train")
+    fsdp_config: dict | str | None = _key(None, "transformers' fsdp_config (a mapping, or a JSON file): reshard_after_forward, cpu_offload, state_dict_type, auto_wrap_policy, transformer_layer_cls_to_wrap, min_num_params, cpu_ram_efficient_loading, activation_checkpointing, version (2). Needs fsdp.", group="train")
     skip_nonfinite_steps: bool = _key(False, "Skip (and count) an optimizer step whose loss or gradients are NaN/inf, instead of stopping with the step and its rows.", group="train", lf=None)
     plot_loss: bool = _key(True, "Write dpo_metrics/training_curves.png.", group="train")
 

@@ -20,7 +20,8 @@ def types_of(hint) -> tuple[type, ...]:
 
 
 def describe(types_: tuple[type, ...]) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             type(None): "null"}
     return " or ".join(names[t] for t in types_)
 
 
@@ -70,6 +71,8 @@ def coerce(name: str, value: Any, allowed: tuple[type, ...], meta: dict) -> Any:
                     return t(value)
                 except ValueError:
                     pass
+    elif isinstance(value, dict) and dict in allowed:
+        return value
     elif isinstance(value, list) and str in allowed and all(isinstance(v, str) for v in value):
         return ",".join(value)  # lora_target: [q_proj, v_proj], dataset: [a, b], report_to: [wandb]
     elif (isinstance(value, list) and str in allowed and meta["comma_list"]

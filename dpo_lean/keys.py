@@ -51,7 +51,8 @@ def _shown(value) -> str:
 
 
 def _type_name(name: str) -> str:
-    return " or ".join({bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}[t]
+    return " or ".join({bool: "bool", int: "int", float: "float", str: "str", dict: "mapping",
+                       type(None): "null"}[t]
                       for t in allowed_types(name))
 
 

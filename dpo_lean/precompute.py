@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import cache, launch, modeling
+from . import cache, launch, modeling, sharding
 from .config import Config, require
 from .data.pipeline import prepare_data, skip_summary, write_skip_report
 from .data.prepared import PreparedRows
@@ -85,6 +85,7 @@ class BatchScorer:
     dtype: torch.dtype
     sharing: Sharing | None = None
     max_rows: int | None = None
+    split_on_oom: bool = True  # False under FSDP: every process must run the same forwards
 
     def __call__(self, rows: list[TokenizedRow]) -> torch.Tensor:
         pieces, start = [], 0
@@ -107,6 +108,10 @@ class BatchScorer:
             with modeling.inference(self.model), modeling.autocast(self.dtype, self.dev):
                 return batch_logps(self.model, batch, self.chunk_size).cpu()
         except torch.cuda.OutOfMemoryError:
+            if not self.split_on_oom:
+                raise DpoLeanError(f"out of memory at {len(rows)} pairs a batch under FSDP (its processes run their "
+                                   "forwards together, so one cannot split a batch); lower precompute_ref_batch_size "
+                                   "or logprob_chunk_size") from None
             if len(rows) == 1:
                 r = rows[0]
                 raise DpoLeanError(f"out of memory on row {r.row_index} alone ({len(r.prompt_ids)} prompt + "
@@ -143,8 +148,31 @@ def compute_part(score: BatchScorer, batches, progress) -> dict[str, list]:
     return cols
 
 
+def _forwards(config: Config, dev: torch.device, todo: list) -> tuple[object, int, int]:
+    """(accelerator, this process's forwards, the forwards it runs). Under FSDP the accelerator shards the reference
+    and every process runs as many forwards as the busiest one (a forward is collective); else (None, n, n)."""
+    forwards = sum(len(batches) for _, batches in todo)
+    if not sharding.requested(config):
+        return None, forwards, forwards
+    accelerator = sharding.inference_accelerator(config, dev)
+    return accelerator, forwards, sharding.agree_max(forwards, dev)
+
+
+def _scorer(config: Config, pad_id: int, dev: torch.device, accelerator) -> BatchScorer:
+    """The reference and its batch scorer; with an FSDP ``accelerator``, this process keeps its shard of it."""
+    dtype = modeling.compute_dtype(config, dev, config.ref_precision)
+    model = modeling.prepare_reference(config)
+    if accelerator is not None:
+        model = accelerator.prepare(model)
+        click.echo(sharding.describe(model))
+    sharing = prefix_sharing(config, model, dtype)
+    return BatchScorer(model, pad_id, config.logprob_chunk_size, dev, dtype, sharing, split_on_oom=accelerator is None)
+
+
 def run_precompute(config: Config) -> dict:
     require(config, "model_name_or_path", "dataset")
+    if sharding.requested(config):
+        sharding.check_precompute(config)
     tokenizer = modeling.load_tokenizer(config)
     if config.ref_model:
         modeling.check_reference_tokenizer(config, tokenizer)
@@ -170,20 +198,19 @@ def run_precompute(config: Config) -> dict:
     todo = list(pending_parts(plan, ids, done, num_shards, shard_index))
     shard = f" (shard {shard_index + 1} of {num_shards})" if num_shards > 1 else ""
     cached = sum(row_id in done for row_id in ids)
-    if not todo:
+    dev = modeling.device()
+    accelerator, forwards, most = _forwards(config, dev, todo)
+    if not most:
         click.echo(f"cache {cache_dir}: nothing to compute{shard}; {cached} of {len(rows)} rows already cached")
         return _finish(cache_dir, {"rows": 0, "tokens": 0, "seconds": 0.0})
 
-    dev = modeling.device()
-    dtype = modeling.compute_dtype(config, dev, config.ref_precision)
-    model = modeling.prepare_reference(config)
-    sharing = prefix_sharing(config, model, dtype)
-    score = BatchScorer(model, tokenizer.pad_token_id, config.logprob_chunk_size, dev, dtype, sharing)
+    score = _scorer(config, tokenizer.pad_token_id, dev, accelerator)
     n_rows = sum(len(b) for _, batches in todo for b in batches)
-    layout = describe_layout(sharing)
     click.echo(modeling.describe_reference(config))
     kept = f" ({cached} of {len(rows)} rows already cached, kept)" if cached else ""
-    click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}{kept}, {layout} -> {cache_dir}")
+    idle = f"; {most - forwards} idle forwards in step with the other processes" if most > forwards else ""
+    click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}{kept}{idle}, {describe_layout(score.sharing)}"
+               f" -> {cache_dir}")
     t0 = time.perf_counter()
     try:
         with tqdm(total=n_rows, unit="row", desc="reference log-probs", dynamic_ncols=True) as progress:
@@ -191,6 +218,8 @@ def run_precompute(config: Config) -> dict:
             for plan_index, batches in todo:
                 columns = compute_part(score, (rows.take(b) for b in batches), progress)
                 cache.write_part(cache_dir, cache.part_name(plan_index, columns["id"]), columns, fingerprint)
+            for _ in range(most - forwards):  # FSDP forwards are collective: match the busiest process's count
+                score(rows.take(plan[-1][-1][-1:]))  # the shortest row, its scores discarded
     except KeyboardInterrupt:
         state = cache.scan(cache_dir)
         raise Interrupted(f"interrupted: {state.cached_expected} of {len(state.expected)} rows are "
