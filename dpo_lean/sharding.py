@@ -135,6 +135,9 @@ def check(config: Config, mixed_precision: str = "no", dtype: torch.dtype = torc
     if str(options["auto_wrap_policy"]).upper() == "NO_WRAP":
         raise DpoLeanError(f"{where}: fsdp_auto_wrap_policy NO_WRAP puts every layer in one FSDP unit, gathered "
                            "whole for each forward (no memory saved); use TRANSFORMER_BASED_WRAP")
+    if _flag(options.get("cpu_offload", False)) and not torch.cuda.is_available():
+        raise DpoLeanError(f"{where}: fsdp cpu_offload (fsdp_offload_params) keeps the shards in CPU memory between "
+                           "uses, which needs a GPU to offload from (FSDP2 refuses it on a CPU run); remove it")
     sharded_state = "SHARDED" in str(options.get("state_dict_type", "FULL_STATE_DICT")).upper()
     if sharded_state and config.save_only_model:
         raise DpoLeanError(f"{where}: fsdp_state_dict_type SHARDED_STATE_DICT keeps no model state in a "
