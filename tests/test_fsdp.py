@@ -51,7 +51,8 @@ KILLED_AFTER_FIRST_CHECKPOINT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
-    """The chain of launches; the folders and outputs the tests read."""
+    """The chain of launches (process 0 of the accelerate launch is killed; torchrun's agent then ends the other);
+    the folders and outputs the tests read."""
     tmp = tmp_path_factory.mktemp("fsdp")
     cache, out = tmp / "ref_cache", tmp / "out"
     shutil.copytree(FIXTURES / "demo" / "ref_cache", cache)
@@ -96,6 +97,18 @@ def test_fsdp_train_killed_and_resumed_equals_one_process_with_the_same_global_b
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     for folder, reference in ((out, single_out), (out / "checkpoint-8", single_out / "checkpoint-8")):
         assert_same_adapter(folder, reference)
+
+
+def test_a_sharded_state_dict_run_saves_the_same_adapter(one_process_run, tmp_path):
+    """fsdp_state_dict_type SHARDED_STATE_DICT (transformers' Trainer saves no adapter then) and transformers'
+    legacy fsdp words: the adapter at the end is the 1-process run's."""
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "cfg.yaml", fixture_raw(
+        tmp_path, **RUN, save_strategy="no", fsdp="full_shard auto_wrap",
+        fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"}, output_dir=str(out)))
+    launch(*TORCHRUN, "train", config)
+    assert_same_history(json.loads((out / "dpo_metrics" / "log_history.json").read_text()), one_process_run[0])
+    assert_same_adapter(out, one_process_run[1])
 
 
 def assert_same_adapter(got: Path, expected: Path) -> None:
