@@ -135,6 +135,10 @@ def check(config: Config, mixed_precision: str = "no", dtype: torch.dtype = torc
     if str(options["auto_wrap_policy"]).upper() == "NO_WRAP":
         raise DpoLeanError(f"{where}: fsdp_auto_wrap_policy NO_WRAP puts every layer in one FSDP unit, gathered "
                            "whole for each forward (no memory saved); use TRANSFORMER_BASED_WRAP")
+    if config.optim in _bitsandbytes_optimizers():
+        raise DpoLeanError(f"config key 'optim': {config.optim} is a bitsandbytes optimizer, whose update kernels "
+                           "cannot take FSDP's sharded (DTensor) parameters; use adamw_torch or adamw_torch_fused "
+                           "(FSDP shards the optimizer state instead)")
     if _flag(options.get("cpu_offload", False)) and not torch.cuda.is_available():
         raise DpoLeanError(f"{where}: fsdp cpu_offload (fsdp_offload_params) keeps the shards in CPU memory between "
                            "uses, which needs a GPU to offload from (FSDP2 refuses it on a CPU run); remove it")
@@ -156,13 +160,20 @@ def check(config: Config, mixed_precision: str = "no", dtype: torch.dtype = torc
     return options
 
 
+def _bitsandbytes_optimizers() -> set[str]:
+    """transformers' optimizer names that build a bitsandbytes optimizer (8-bit, paged, ...)."""
+    from transformers import trainer_optimizer
+
+    return {str(getattr(o, "value", o)) for o in getattr(trainer_optimizer, "_BITSANDBYTES_OPTIMIZERS", [])}
+
+
 def notices(config: Config, options: dict) -> list[str]:
     """What an accepted FSDP option does not do here, said once."""
     lines = []
     if config.quantization_bit == 4 and _flag(options.get("cpu_ram_efficient_loading", False)):
-        lines.append("fsdp cpu_ram_efficient_loading: no effect on a 4-bit base (accelerate and transformers skip "
-                     "it for bitsandbytes weights): each process loads the whole NF4 base into CPU memory, then "
-                     "keeps its shard")
+        lines.append("fsdp cpu_ram_efficient_loading (accelerate launch turns it on by default): no effect on a "
+                     "4-bit base (accelerate and transformers skip it for bitsandbytes weights); each process loads "
+                     "the whole NF4 base into CPU memory, then keeps its shard")
     return lines
 
 
@@ -228,8 +239,9 @@ def agree_max(value: int, device: torch.device) -> int:
 
 
 def check_precompute(config: Config) -> None:
-    """:func:`check` for precompute, whose processes share the rows one shard each."""
-    check(config)
+    """:func:`check` for precompute, whose processes share the rows one shard each; its notices said once."""
+    for line in notices(config, check(config)):
+        launch.say(line)
     if config.num_shards != 1:
         raise DpoLeanError(f"config key 'num_shards': {config.num_shards}, but under FSDP the processes of the launch "
                            "compute the reference together, one shard of the rows each; remove num_shards and "

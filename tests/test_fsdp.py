@@ -209,6 +209,8 @@ ERRORS = [
     ({"fsdp": "full_shard offload"}, {}, "needs a GPU to offload from"),
     ({"fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}, "save_only_model": True}, {}, "save_only_model"),
     ({"deepspeed": "ds.json"}, {}, "'fsdp' and 'deepspeed' are both set"),
+    ({"optim": "paged_adamw_8bit"}, {}, "paged_adamw_8bit is a bitsandbytes optimizer"),
+    ({"optim": "adamw_bnb_8bit"}, {}, "adamw_bnb_8bit is a bitsandbytes optimizer"),
     ({"fsdp": None}, {"ACCELERATE_USE_FSDP": "true"}, "accelerate config: fsdp_version is 1 (add fsdp_version: 2"),
     ({"fsdp": None}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "NO_WRAP"),
 ]
@@ -244,6 +246,32 @@ def test_fsdp_in_one_process_is_a_one_line_error_before_any_model_loads(tiny_con
     assert result.exit_code == 1 and "this is one process" in result.output
     result = CliRunner().invoke(main, ["precompute", str(path), "ref_cache_dir=" + str(tmp_path / "c")])
     assert result.exit_code == 1 and "this is one process" in result.output
+
+
+def accelerate_launch_environment(config_file: Path) -> dict[str, str]:
+    """The environment `accelerate launch --config_file F` gives each process (accelerate's own launch code)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config_file),
+                                                                              "x.py"]))
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("FSDP_", "ACCELERATE_"))}
+
+
+def test_the_shipped_accelerate_file_and_70b_config_pass_the_fsdp_checks(monkeypatch, tmp_path):
+    """configs/accelerate_fsdp_qlora.yaml launching configs/llama3_3_70b_qlora_dpo_fsdp.yaml on GPUs (bf16)."""
+    from dpo_lean.config import load_config
+
+    env = accelerate_launch_environment(ACCELERATE_FSDP)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for name, value in {**env, "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    config = load_config(ROOT / "configs" / "llama3_3_70b_qlora_dpo_fsdp.yaml", [f"output_dir={tmp_path}"])
+    assert sharding.requested(config) and config.quantization_bit == 4 and config.bf16
+    options = sharding.check(config, env["ACCELERATE_MIXED_PRECISION"], torch.bfloat16)
+    assert (options["version"], options["auto_wrap_policy"], options["state_dict_type"]) == (
+        "2", "TRANSFORMER_BASED_WRAP", "FULL_STATE_DICT")
+    assert sharding.plugin(config).fsdp_version == 2
 
 
 def test_precompute_under_fsdp_refuses_num_shards(tiny_config, monkeypatch):
