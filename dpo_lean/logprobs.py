@@ -15,6 +15,8 @@ so the reference and the policy are scored by the same code.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 LOGITS_BUDGET_ELEMENTS = 2**25  # one chunk of float32 logits: 128 MB
@@ -216,9 +218,21 @@ def batch_scores(model, batch: dict, chunk_size: int | None = None, wpo: bool = 
     out = model(**inputs, use_cache=False)  # a DDP wrapper's forward, so gradients synchronise
     head = getattr(model, "module", model).get_output_embeddings().head
     flat = out.logits.reshape(-1, out.logits.shape[-1])[batch["score_index"]]
-    values = token_logps(flat, head.weight, batch["score_targets"], head.bias, chunk_size)
-    log_sum_sq = log_sum_sq_probs(flat.detach(), head.weight, head.bias, chunk_size) if wpo else None
+    with whole(head):
+        values = token_logps(flat, head.weight, batch["score_targets"], head.bias, chunk_size)
+        log_sum_sq = log_sum_sq_probs(flat.detach(), head.weight, head.bias, chunk_size) if wpo else None
     return completion_scores(values, batch, log_sum_sq)
+
+
+def whole(head: torch.nn.Module):
+    """The head's parameters gathered whole while the log-probs read them: DeepSpeed ZeRO-3 partitions them again
+    after each module's forward (FSDP keeps the output head gathered from the forward to the backward itself)."""
+    params = [p for p in head.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def batch_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
