@@ -6,6 +6,7 @@
     python tools/bench data        [--sizes 1200 12000] [--with-60k] [--source ../shared/data]   (data.py)
     python tools/bench real-shapes [--shapes Qwen2.5-0.5B Qwen2.5-1.5B] [--shape-steps 2]  (shapes.py)
     python tools/bench all --real-shapes   # both tables, then the real-shape rows
+    python tools/bench scale-out   [--scaleout-shape Qwen2.5-1.5B]   1 process vs 2 DDP vs 2 FSDP (scaleout.py)
     python tools/bench train --model Qwen/Qwen2.5-0.5B-Instruct   # any hub or local model (on a GPU)
 
 Every contender runs in its own fresh process on the same model, the same rows, batch size, sequence cap,
@@ -50,5 +51,7 @@ The package, one job a module:
     shapes.py       `real-shapes`: the train and precompute rows at Qwen2.5-0.5B/1.5B shapes
     scale.py        `scale`: precompute then train on 60,000 generated rows, counting tokenisations
     phases.py       `phases`: one train step's RSS phase by phase at a real shape, under both allocator settings
+    scaleout.py     `scale-out`: per-process memory and time of precompute and train at a real shape, as 1 process,
+                    2 with DDP and 2 with FSDP; ranked.py is the process each launch runs (its SCALEOUT line)
 Memory is measured with dpo_lean/measure.py, the code the run summaries use.
 """
