@@ -12,15 +12,18 @@ What dpo-lean adds to that engine:
 
 - the 4-bit base is stored in the compute dtype (``bnb_4bit_quant_storage``), so FSDP shards its packed weights
   like any other tensor (accelerate keeps uint8-stored 4-bit weights whole on every rank);
-- activation checkpointing is FSDP's (accelerate wraps each decoder layer in ``checkpoint_wrapper``, outside the
-  FSDP hooks), switched by ``disable_gradient_checkpointing`` as in one process; transformers' own checkpointing
-  would all-gather every layer a second time in the backward;
+- activation checkpointing stays transformers' own (each decoder layer, non-reentrant, switched by
+  ``disable_gradient_checkpointing`` as in one process): FSDP2 skips its hooks in the recomputed forward, so no
+  layer is gathered twice (counted: the same all-gathers a step with and without it); accelerate's
+  ``fsdp_activation_checkpointing`` is refused, since its wrapper renames the layers and PEFT then saves an empty
+  adapter;
 - accelerate turns its FSDP plugin on for GPU launches only; on CPU (gloo) dpo-lean turns the same plugin on, so
   the CPU tests run the path a GPU run takes;
 - the adapter, at the end and in every checkpoint, is the LoRA weights gathered whole: an ordinary PEFT adapter,
   file for file and key for key a one-process run's;
 - precompute runs its forwards in lockstep (an FSDP forward is collective): a rank with fewer batches than another
-  runs a dummy forward for each one it lacks;
+  runs an idle forward (the shortest row, its scores discarded) for each one it lacks, and an out-of-memory batch
+  is an error rather than split on one rank;
 - what cannot work is refused in one line (:func:`check`).
 """
 
