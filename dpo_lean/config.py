@@ -302,6 +302,9 @@ def _check_cross_rules(c: Config) -> None:
     if c.ref_model_quantization_bit and c.ref_precision != "base":
         raise DpoLeanError(f"config keys 'ref_model_quantization_bit' and 'ref_precision' ({c.ref_precision}) "
                            "disagree; a 4-bit ref_model computes in the base's dtype: set one of them")
+    if c.fsdp_config is not None and c.fsdp in (None, False, ""):
+        raise DpoLeanError("config key 'fsdp_config' needs fsdp: true (transformers reads it only then); under "
+                           "accelerate launch the fsdp_* keys of its config file apply instead")
     if c.create_new_adapter and not c.adapter_name_or_path:
         raise DpoLeanError("config key 'create_new_adapter': true needs adapter_name_or_path (the adapters to "
                            "merge into the base before the new LoRA)")

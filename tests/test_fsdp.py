@@ -274,6 +274,11 @@ def test_the_shipped_accelerate_file_and_70b_config_pass_the_fsdp_checks(monkeyp
     assert sharding.plugin(config).fsdp_version == 2
 
 
+def test_fsdp_config_without_fsdp_is_refused(tiny_config):
+    with pytest.raises(DpoLeanError, match="config key 'fsdp_config' needs fsdp: true"):
+        tiny_config(fsdp_config={"cpu_offload": True})
+
+
 def test_precompute_under_fsdp_refuses_num_shards(tiny_config, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DpoLeanError, match="config key 'num_shards': 2, but under FSDP"):
