@@ -154,6 +154,8 @@ class Config:
     dataloader_num_workers: int = _key(0, "Data-loading worker processes.", group="train", min=0)
     ddp_timeout: int = _key(1800, "Seconds a distributed process waits for the others.", group="train", min=1)
     deepspeed: str | None = _key(None, "DeepSpeed config file, as in transformers.", group="train")
+    fsdp: bool | str | None = _key(None, "Shard the model, its LoRA and optimizer state over the processes of a torchrun/accelerate launch (FSDP2 through accelerate, as transformers' fsdp): true, or transformers' words full_shard, shard_grad_op, offload, auto_wrap. accelerate launch with an FSDP config file does the same.", group="train")
+    fsdp_config: dict | str | None = _key(None, "transformers' fsdp_config (a mapping, or a JSON file): reshard_after_forward, cpu_offload, state_dict_type, auto_wrap_policy, transformer_layer_cls_to_wrap, min_num_params, cpu_ram_efficient_loading, activation_checkpointing, version (2). Needs fsdp.", group="train")
     skip_nonfinite_steps: bool = _key(False, "Skip (and count) an optimizer step whose loss or gradients are NaN/inf, instead of stopping with the step and its rows.", group="train", lf=None)
     disable_tqdm: bool | None = _key(False, "train: true = no progress bar, one line per log step instead (as where the output is not a terminal, e.g. a log file); false or null = a bar in a terminal.", group="train")
     plot_loss: bool = _key(True, "Write dpo_metrics/training_curves.png.", group="train")
@@ -308,6 +310,9 @@ def _check_cross_rules(c: Config) -> None:
     if c.ref_model_quantization_bit and c.ref_precision != "base":
         raise DpoLeanError(f"config keys 'ref_model_quantization_bit' and 'ref_precision' ({c.ref_precision}) "
                            "disagree; a 4-bit ref_model computes in the base's dtype: set one of them")
+    if c.fsdp_config is not None and c.fsdp in (None, False, ""):
+        raise DpoLeanError("config key 'fsdp_config' needs fsdp: true (transformers reads it only then); under "
+                           "accelerate launch the fsdp_* keys of its config file apply instead")
     if c.create_new_adapter and not c.adapter_name_or_path:
         raise DpoLeanError("config key 'create_new_adapter': true needs adapter_name_or_path (the adapters to "
                            "merge into the base before the new LoRA)")

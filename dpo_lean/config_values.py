@@ -76,6 +76,8 @@ def coerce(name: str, value: Any, allowed: tuple[type, ...], meta: dict) -> Any:
                     return t(value)
                 except ValueError:
                     pass
+    elif isinstance(value, dict) and dict in allowed:
+        return value
     elif isinstance(value, list) and str in allowed and all(isinstance(v, str) for v in value):
         return ",".join(value)  # lora_target: [q_proj, v_proj], dataset: [a, b], report_to: [wandb]
     elif (isinstance(value, list) and str in allowed and meta["comma_list"]

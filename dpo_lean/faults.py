@@ -249,6 +249,14 @@ def finite_flag(grads: list[torch.Tensor], losses_finite: torch.Tensor | None, d
     return flag
 
 
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP gradient (a DTensor); other gradients as they are. Every process checks its
+    own shard and _agreed combines the verdicts, so the whole gradient is checked."""
+    from torch.distributed.tensor import DTensor
+
+    return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
 def _agreed(flag: torch.Tensor) -> bool:
     """The flag, all-reduced (MIN) over the processes of a distributed run: all of them step, or none does."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -289,7 +297,7 @@ class NonFiniteGuard(TrainerCallback):
 
         def guarded_step(*args, **kwargs):
             self._checked = True
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grads = [_local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             device = grads[0].device if grads else optimizer.param_groups[0]["params"][0].device
             if _agreed(finite_flag(grads, self._losses_finite, device)):
                 return step(*args, **kwargs)

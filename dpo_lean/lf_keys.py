@@ -32,7 +32,7 @@ _HUB = "dpo-lean does not push to the hub; upload output_dir (or export_dir) you
 _TOKENS = "dpo-lean reads no tokens from configs; log in with `hf auth login` or set HF_TOKEN"
 _TOKENIZER = "dpo-lean uses the model's tokenizer as it is (the reference cache is built on its ids)"
 _KERNELS = "dpo-lean runs plain transformers + PEFT modules; kernel patches are not supported"
-_PARALLEL = "launch with torchrun or accelerate launch (one process per GPU, DDP) or set deepspeed"
+_PARALLEL = "launch with torchrun or accelerate launch (one process per GPU: DDP, or FSDP with fsdp) or set deepspeed"
 _ORDER = "dpo-lean orders rows by seed and group_by_length, the same way on every run and resume"
 _NOT_DPO = "dpo-lean runs the DPO stage only"
 _V1 = "a LLaMA-Factory v1 config key; dpo-lean reads v0 configs"
@@ -102,7 +102,7 @@ REFUSED: dict[str, tuple[tuple, str]] = {
               reward_model_adapters=None, reward_model_quantization_bit=None, reward_model_type="lora",
               do_predict=False, predict_with_generate=False),
     **_refuse(_PARALLEL, use_mca=False, use_hyper_parallel=False, hyper_parallel_args=None, ray_num_workers=1,
-              ray_init_kwargs=None, master_addr=None, master_port=None, fsdp=None, fsdp_config=None,
+              ray_init_kwargs=None, master_addr=None, master_port=None,
               parallelism_config=None, accelerator_config=None, ddp_backend=None, ddp_bucket_cap_mb=None,
               ddp_broadcast_buffers=None, ddp_static_graph=None, ddp_find_unused_parameters=(None, False)),
     **_refuse(_TRACKERS, use_swanlab=False, swanlab_project="llamafactory", swanlab_workspace=None,

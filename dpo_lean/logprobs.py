@@ -24,6 +24,8 @@ so the reference and the policy are scored by the same code.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 LOGITS_BUDGET_ELEMENTS = 2**25  # one chunk of float32 logits: 128 MB
@@ -308,14 +310,26 @@ def batch_scores(model, batch: dict, chunk_size: int | None = None, wpo: bool = 
     deferred = getattr(model, "module", model).get_output_embeddings()
     head, softcap = deferred.head, getattr(deferred, "softcap", None)
     flat = out.logits.reshape(-1, out.logits.shape[-1])[batch["score_index"]]
-    values = token_logps(flat, head.weight, batch["score_targets"], head.bias, chunk_size, softcap)
-    log_sum_sq = log_sum_sq_probs(flat.detach(), head.weight, head.bias, chunk_size, softcap) if wpo else None
+    with whole(head):
+        values = token_logps(flat, head.weight, batch["score_targets"], head.bias, chunk_size, softcap)
+        log_sum_sq = log_sum_sq_probs(flat.detach(), head.weight, head.bias, chunk_size, softcap) if wpo else None
+        token_rms = logit_rms(flat.detach(), head.weight, head.bias, chunk_size) if rms else None
     scores = completion_scores(values, batch, log_sum_sq)
     if rms:
-        token_rms = logit_rms(flat.detach(), head.weight, head.bias, chunk_size)
         scores["logit_rms"] = torch.zeros_like(scores["logps"]).index_add_(
             0, batch["score_segment"], token_rms.to(scores["logps"].dtype))
     return scores
+
+
+def whole(head: torch.nn.Module):
+    """The head's parameters gathered whole while the log-probs read them: DeepSpeed ZeRO-3 partitions them again
+    after each module's forward (FSDP keeps the output head gathered from the forward to the backward itself)."""
+    params = [p for p in head.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def batch_logps(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:

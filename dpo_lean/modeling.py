@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import adapters, launch, paths
+from . import adapters, launch, paths, sharding
 from .config import Config
 from .data.templates import prepare_tokenizer
 from .errors import DpoLeanError
@@ -66,10 +66,14 @@ def load_tokenizer(config: Config):
 
 
 def quantization_config(config: Config, dtype: torch.dtype):
+    """NF4 (or FP4) with the config's double quantisation; under FSDP the packed weights are stored in the compute
+    dtype, so FSDP shards them as plain tensors (sharding.py)."""
     from transformers import BitsAndBytesConfig
 
+    storage = {"bnb_4bit_quant_storage": dtype} if sharding.active(config) else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quantization_type,
-                              bnb_4bit_use_double_quant=config.double_quantization, bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_use_double_quant=config.double_quantization, bnb_4bit_compute_dtype=dtype,
+                              **storage)
 
 
 def base_weights(config: Config, reference: bool = False) -> tuple[str, str, bool, str]:
@@ -103,7 +107,7 @@ def load_base_model(config: Config, reference: bool = False):
         kwargs["use_safetensors"] = True
     if quantized:
         kwargs["quantization_config"] = quantization_config(config, dtype)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and not sharding.active(config):  # FSDP moves each rank's shard to its GPU
         kwargs["device_map"] = {"": dev.index}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
@@ -158,6 +162,16 @@ class DeferredHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The head's weight, so that whoever looks for a tie (accelerate's FSDP grouping, transformers'
+        tie_weights) finds the embedding matrix a tied head shares."""
+        return self.head.weight
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:
+        self.head.weight = value
 
 
 LOGIT_SCALES = ("logit_scale", "logits_scaling")  # Cohere's multiplier of the logits, Granite's divisor

@@ -17,7 +17,7 @@ import click
 import numpy as np
 import torch
 
-from . import cache, faults, launch, modeling
+from . import cache, faults, launch, modeling, sharding
 from .config import Config, require
 from .data.pipeline import prepare_data, skip_summary, truncation_note, write_skip_report
 from .data.prepared import PreparedRows
@@ -106,6 +106,7 @@ class BatchScorer:
     grow_after: int = GROW_AFTER
     clean: int = 0  # pieces scored at max_rows since it last changed
     grown: bool = False  # max_rows was reached by growing (an out-of-memory there backs off)
+    split_on_oom: bool = True  # False under FSDP: every process must run the same forwards
 
     def __call__(self, rows: list[TokenizedRow]) -> torch.Tensor:
         pieces, start = [], 0
@@ -148,6 +149,10 @@ class BatchScorer:
         except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
             if not is_out_of_memory(e):
                 raise
+            if not self.split_on_oom:
+                raise DpoLeanError(f"out of memory at {len(rows)} pairs a batch under FSDP (its processes run their "
+                                   "forwards together, so one cannot split a batch); lower precompute_ref_batch_size "
+                                   "or logprob_chunk_size") from None
             if len(rows) == 1:
                 r = rows[0]
                 raise DpoLeanError(f"out of memory on row {r.row_index} alone ({len(r.prompt_ids)} prompt + "
@@ -182,8 +187,31 @@ def compute_part(score: BatchScorer, batches, progress) -> dict[str, list]:
     return cols
 
 
+def _forwards(config: Config, dev: torch.device, todo: list) -> tuple[object, int, int]:
+    """(accelerator, this process's forwards, the forwards it runs). Under FSDP the accelerator shards the reference
+    and every process runs as many forwards as the busiest one (a forward is collective); else (None, n, n)."""
+    forwards = sum(len(batches) for _, batches in todo)
+    if not sharding.requested(config):
+        return None, forwards, forwards
+    accelerator = sharding.inference_accelerator(config, dev)
+    return accelerator, forwards, sharding.agree_max(forwards, dev)
+
+
+def _scorer(config: Config, pad_id: int, dev: torch.device, accelerator) -> BatchScorer:
+    """The reference and its batch scorer; with an FSDP ``accelerator``, this process keeps its shard of it."""
+    dtype = modeling.compute_dtype(config, dev, config.ref_precision)
+    model = modeling.prepare_reference(config)
+    if accelerator is not None:
+        model = accelerator.prepare(model)
+        click.echo(sharding.describe(model))
+    sharing = prefix_sharing(config, model, dtype)
+    return BatchScorer(model, pad_id, config.logprob_chunk_size, dev, dtype, sharing, split_on_oom=accelerator is None)
+
+
 def run_precompute(config: Config) -> dict:
     require(config, "model_name_or_path", "dataset")
+    if sharding.requested(config):
+        sharding.check_precompute(config)
     tokenizer = modeling.load_tokenizer(config)
     if config.ref_model:
         modeling.check_reference_tokenizer(config, tokenizer)
@@ -214,24 +242,24 @@ def run_precompute(config: Config) -> dict:
     todo = list(pending_parts(plan, ids, done, num_shards, shard_index))
     shard = f" (shard {shard_index + 1} of {num_shards})" if num_shards > 1 else ""
     cached = sum(row_id in done for row_id in ids)
-    if not todo:
+    dev = modeling.device()
+    accelerator, forwards, most = _forwards(config, dev, todo)
+    if not most:
         click.echo(f"cache {cache_dir}: nothing to compute{shard}; {cached} of {len(rows)} rows already cached")
         return _finish(cache_dir, {"rows": 0, "tokens": 0, "seconds": 0.0})
 
-    dev = modeling.device()
-    dtype = modeling.compute_dtype(config, dev, config.ref_precision)
-    model = modeling.prepare_reference(config)
-    sharing = prefix_sharing(config, model, dtype)
-    score = BatchScorer(model, tokenizer.pad_token_id, config.logprob_chunk_size, dev, dtype, sharing)
+    score = _scorer(config, tokenizer.pad_token_id, dev, accelerator)
     n_rows = sum(len(b) for _, batches in todo for b in batches)
-    layout = describe_layout(sharing)
     click.echo(modeling.describe_reference(config))
     if modeling.lf_reference_note(config):
         click.echo(modeling.lf_reference_note(config))
     kept = f" ({cached} of {len(rows)} rows already cached, kept)" if cached else ""
-    click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}{kept}, {layout} -> {cache_dir}")
+    idle = f"; {most - forwards} idle forwards in step with the other processes" if most > forwards else ""
+    click.echo(f"precompute: {n_rows} rows in {len(todo)} parts{shard}{kept}{idle}, {describe_layout(score.sharing)}"
+               f" -> {cache_dir}")
     t0 = time.perf_counter()
-    progress = write_parts(score, rows, todo, cache_dir, fingerprint, n_rows)
+    progress = write_parts(score, rows, todo, cache_dir, fingerprint, n_rows,
+                           idle=(most - forwards, rows.take(plan[-1][-1][-1:])), lockstep=accelerator is not None)
     seconds = time.perf_counter() - t0
     return _finish(cache_dir, {"rows": n_rows, "tokens": progress.tokens, "seconds": round(seconds, 3),
                                "shard": f"{shard_index}/{num_shards}", "device": str(dev),
@@ -271,26 +299,51 @@ def _check_cache_first(config: Config, tokenizer) -> None:
     cache.check_setup(cache_dir, setup_fingerprint(config, tokenizer, modeling.reference_spec(config)), problem, fix)
 
 
-def write_parts(score: BatchScorer, rows: PreparedRows, todo, cache_dir, fingerprint: dict, n_rows: int):
+def write_parts(score: BatchScorer, rows: PreparedRows, todo, cache_dir, fingerprint: dict, n_rows: int,
+                idle: tuple[int, list] = (0, []), lockstep: bool = False):
     """Score each part of ``todo`` and write it; the progress bar, with ``tokens`` scored. The first Ctrl-C or
     SIGTERM stops after the batch in hand, keeping every finished batch (a part cut short is written with them);
-    Interrupted says how many rows are cached."""
+    Interrupted says how many rows are cached.
+
+    ``idle``: (n, rows) forwards of ``rows`` to run after the parts, their scores discarded, and ``lockstep``: the
+    processes agree before each forward whether to stop. Both for FSDP, whose forwards are collective: every process
+    runs the busiest one's number of forwards and stops before the same one.
+    """
     stop = faults.GracefulStop("finishing this batch, saving the rows done and stopping")
+    agreed = _AgreedStop(stop, score.dev if lockstep else None)
     try:
         with stop, bar(n_rows, "reference log-probs", "row", delay=0) as progress:
             progress.tokens, progress.t0 = 0, time.perf_counter()
             for plan_index, batches in todo:
-                columns = compute_part(score, faults.until_stopped((rows.take(b) for b in batches), stop), progress)
+                columns = compute_part(score, faults.until_stopped((rows.take(b) for b in batches), agreed), progress)
                 if columns["id"]:
                     cache.write_part(cache_dir, cache.part_name(plan_index, columns["id"]), columns, fingerprint)
-                if stop.requested:
+                if agreed.decided:
                     raise KeyboardInterrupt
+            for _ in range(idle[0]):
+                if agreed.requested:
+                    raise KeyboardInterrupt
+                score(idle[1])
     except KeyboardInterrupt as e:
         state = cache.scan(cache_dir)
         raise Interrupted(f"interrupted: {state.cached_expected} of {len(state.expected)} rows are "
                           f"cached in complete parts in {cache_dir}; rerun `dpo-lean precompute CONFIG.yaml` "
                           "to compute the rest", stop.signum or getattr(e, "signum", signal.SIGINT)) from None
     return progress
+
+
+class _AgreedStop:
+    """``stop.requested``, asked before each forward; with a ``device`` (FSDP), agreed by all processes (a
+    collective), so that they stop before the same forward. ``decided``: the last answer, without asking again."""
+
+    def __init__(self, stop: faults.GracefulStop, device: torch.device | None):
+        self.stop, self.device, self.decided = stop, device, False
+
+    @property
+    def requested(self) -> bool:
+        asked = self.stop.requested
+        self.decided = bool(sharding.agree_max(int(asked), self.device)) if self.device is not None else asked
+        return self.decided
 
 
 def _usable_rows(cache_dir, rows: PreparedRows) -> set[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
-from . import adapters, faults, launch, lr_schedule, modeling
+from . import adapters, faults, launch, lr_schedule, modeling, sharding
 from .config import Config
 from .data.pipeline import skip_summary, truncation_note, write_skip_report
 from .data.templates import fix_jinja_template
@@ -49,8 +49,8 @@ class DPOLeanTrainer(Trainer):
     """Trainer whose loss is the preference loss against cached reference log-probs; TRL's metric names."""
 
     def __init__(self, *args, dpo: Config, **kwargs):
+        self.dpo = dpo  # before Trainer's __init__, which creates the accelerator (see below)
         super().__init__(*args, **kwargs)
-        self.dpo = dpo
         self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean: Trainer scales for accumulation
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
@@ -81,6 +81,19 @@ class DPOLeanTrainer(Trainer):
         if training:
             return lambda reward: baseline.update(self.accelerator.gather(reward.reshape(1)))
         return lambda reward: baseline.mean
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if sharding.requested(self.dpo):  # FSDP on CPU too (accelerate turns it on for GPUs only)
+            sharding.enable(self.accelerator, sharding.plugin(self.dpo, self.args.fsdp_plugin_args))
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Under FSDP: the LoRA weights gathered whole and saved as PEFT saves them in one process (transformers
+        would gather the whole 4-bit base for it, or save no adapter with a SHARDED_STATE_DICT)."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir or self.args.output_dir, state_dict=sharding.adapter_state_dict(self.model))
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -183,7 +196,7 @@ def training_arguments(config: Config, has_eval: bool):
     report_to = [t.strip() for t in config.report_to.split(",") if t.strip() and t.strip() != "none"] or "none"
     _check_trackers(report_to)
     faults.check_deepspeed(config.deepspeed)
-    return DpoTrainingArguments(
+    args = DpoTrainingArguments(
         output_dir=config.output_dir, seed=config.seed, use_cpu=not cuda,
         per_device_train_batch_size=config.per_device_train_batch_size,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
@@ -202,9 +215,14 @@ def training_arguments(config: Config, has_eval: bool):
         eval_strategy=eval_strategy, eval_steps=config.eval_steps or config.logging_steps,
         eval_on_start=config.eval_on_start and has_eval,
         report_to=report_to, run_name=config.run_name, dataloader_num_workers=_loader_workers(config),
-        ddp_timeout=config.ddp_timeout, deepspeed=config.deepspeed,
+        ddp_timeout=config.ddp_timeout, deepspeed=config.deepspeed, **sharding.trainer_arguments(config),
         remove_unused_columns=False, ddp_find_unused_parameters=False,
     )
+    if sharding.requested(config):
+        options = sharding.check(config, args.mixed_precision, modeling.compute_dtype(config, modeling.device()))
+        for line in sharding.notices(config, options):
+            launch.say(line)
+    return args
 
 
 def _loader_workers(config: Config) -> int:
@@ -289,7 +307,7 @@ def run_train(config: Config) -> dict:
         data_collator=PairCollator(tokenizer.pad_token_id, sharing, tails=config.ld_alpha is not None),
         train_dataset=to_dataset(train_rows, ref),
         eval_dataset=to_dataset(eval_set.rows, eval_set.ref) if eval_set.rows else None,
-        processing_class=tokenizer, callbacks=[writer, interrupt, *baseline])
+        processing_class=tokenizer, callbacks=[writer, interrupt, *baseline, *sharding.callbacks(config)])
     t0 = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)

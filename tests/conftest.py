@@ -93,3 +93,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory):
+    """(log history, output_dir) of the 1-process run that the 2-process runs (DDP, FSDP) must equal."""
+    from launching import run_one_process
+
+    return run_one_process(tmp_path_factory.mktemp("one_process"))

@@ -18,7 +18,7 @@ from functools import cache
 
 import lf_parity
 import pytest
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES
 
 from dpo_lean.config import from_dict
 from dpo_lean.data.records import Skip
@@ -129,7 +129,7 @@ def test_fixture_is_from_the_committed_inputs(tmp_path):
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
     assert LF["rows_sha256"] == lf_parity.digest((FIX / "data").iterdir())
     assert LF["tokenizer_sha256"] == lf_parity.digest((FIX / "tokenizer").iterdir())
-    configs = {p.name: lf_parity.digest([p]) for p in (ROOT / "configs").glob("*.yaml")}
+    configs = {p.name: lf_parity.digest([p]) for p in lf_parity.dpo_lean_configs()}
     assert {name: c["sha256"] for name, c in LF["configs"].items()} == configs, "rerun tools/lf_parity.py build"
 
 

@@ -262,6 +262,11 @@ def lf_keys() -> list[str]:
     return sorted({f.name for c in classes for f in dataclasses.fields(c)})
 
 
+def dpo_lean_configs() -> list[Path]:
+    """The dpo-lean configs in configs/ (accelerate_*.yaml are accelerate launch's config files)."""
+    return sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("accelerate_"))
+
+
 def lf_config_check(path: Path) -> str:
     """"ok" if LF's own argument parser accepts the file, else its first error line."""
     import yaml
@@ -322,7 +327,7 @@ def build() -> None:
         for label, args in variants(name, template).items():  # LF's data arguments that change ids
             cases[f"{name} {label}"] = template_case(name, data_dir, tok_dir, multimodal, **args)
         print(f"{name}: ok", file=sys.stderr)
-    configs = {p.name: {"sha256": digest([p]), "lf": lf_config_check(p)} for p in sorted((ROOT / "configs").glob("*.yaml"))}
+    configs = {p.name: {"sha256": digest([p]), "lf": lf_config_check(p)} for p in dpo_lean_configs()}
     fixture = {"lf_version": LF_VERSION, "datasets": DATASETS, "cutoff_len": {"full": FULL, "short": SHORT},
                "lf_keys": lf_keys(),
                "rows_sha256": digest(data_dir.iterdir()), "tokenizer_sha256": digest(tok_dir.iterdir()),

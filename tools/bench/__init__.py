@@ -8,6 +8,7 @@
                                    [--attn sdpa|fa2] [--model-dir DIR]   (shapes.py)
     python tools/bench all --real-shapes   # both tables, then the real-shape rows
     python tools/bench sums        [--sums-rows 16] [--sums-trl] [--source ../shared/data]   (sums.py)
+    python tools/bench scale-out   [--scaleout-shape Qwen2.5-1.5B]   1 process vs 2 DDP vs 2 FSDP (scaleout.py)
     python tools/bench train --model Qwen/Qwen2.5-0.5B-Instruct   # any hub or local model (on a GPU)
 
 Every contender runs in its own fresh process on the same model, the same rows, batch size, sequence cap,
@@ -55,5 +56,7 @@ The package, one job a module:
     phases.py       `phases`: one train step's RSS phase by phase at a real shape, under both allocator settings
     sums.py         `sums`: each completion's summed log-prob (per-token sums, the cache in both layouts, the tail
                     sums, TRL's precompute) against a float64 forward summed in float64
+    scaleout.py     `scale-out`: per-process memory and time of precompute and train at a real shape, as 1 process,
+                    2 with DDP and 2 with FSDP; ranked.py is the process each launch runs (its SCALEOUT line)
 Memory is measured with dpo_lean/measure.py, the code the run summaries use.
 """

@@ -1,4 +1,4 @@
-"""The command line: `python tools/bench {train,precompute,all,data,real-shapes,scale,phases,sums} [options]`."""
+"""The command line: `python tools/bench {train,precompute,all,data,real-shapes,scale,phases,sums,scale-out} [options]`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import bench
-from bench import data, phases, scale, shapes, sums, worker
+from bench import data, phases, scale, scaleout, shapes, sums, worker
 from bench.contenders import LORA
 from bench.suite import SHARED_DEMO, TRAIN_CONTENDERS, build_model, run_precompute_bench, run_train_bench, write_rows
 from bench.tables import machine
@@ -16,7 +16,8 @@ from bench.tables import machine
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("train", "precompute", "all", "data", "real-shapes", "scale", "phases", "sums"))
+    parser.add_argument("command", choices=("train", "precompute", "all", "data", "real-shapes", "scale", "phases",
+                                            "sums", "scale-out"))
     parser.add_argument("--vocab", type=int, nargs="+", default=[151936, 32000])
     parser.add_argument("--model", help="a hub id or local directory instead of the offline models (use a GPU)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the offline model")
@@ -41,18 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_scale_arguments(parser)
     phases.add_phase_arguments(parser)
     sums.add_sums_arguments(parser)
+    scaleout.add_scaleout_arguments(parser)
     return parser
 
 
 def main() -> None:
     args = build_parser().parse_args()
     worker.ALLOCATOR_ENV = dict(worker.LIVE_MEMORY_ENV) if args.malloc == "live" else {}
-    if args.command in ("data", "real-shapes", "scale", "phases", "sums"):
+    if args.command in ("data", "real-shapes", "scale", "phases", "sums", "scale-out"):
         print(f"machine: {machine()}")
-        if args.command == "real-shapes":
+        if args.command in ("real-shapes", "scale-out"):
             print(worker.allocator_line())
         run = {"data": data.run_data_bench, "real-shapes": shapes.run_real_shapes, "scale": scale.run_scale,
-               "phases": phases.run_phases, "sums": sums.run_sums}[args.command]
+               "phases": phases.run_phases, "sums": sums.run_sums, "scale-out": scaleout.run_scale_out}[args.command]
         figures = run(args)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=1))
