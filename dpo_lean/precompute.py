@@ -328,21 +328,28 @@ def write_parts(score: BatchScorer, rows: PreparedRows, todo, cache_dir, fingerp
         state = cache.scan(cache_dir)
         raise Interrupted(f"interrupted: {state.cached_expected} of {len(state.expected)} rows are "
                           f"cached in complete parts in {cache_dir}; rerun `dpo-lean precompute CONFIG.yaml` "
-                          "to compute the rest", stop.signum or getattr(e, "signum", signal.SIGINT)) from None
+                          "to compute the rest", stop.signum or agreed.signum or getattr(e, "signum", signal.SIGINT)) from None
     return progress
 
 
 class _AgreedStop:
     """``stop.requested``, asked before each forward; with a ``device`` (FSDP), agreed by all processes (a
-    collective), so that they stop before the same forward. ``decided``: the last answer, without asking again."""
+    collective: the largest signal number any of them got), so that they stop before the same forward even where only
+    one was signalled. ``decided``: the last answer, without asking again; ``signum``: the signal agreed on."""
 
     def __init__(self, stop: faults.GracefulStop, device: torch.device | None):
-        self.stop, self.device, self.decided = stop, device, False
+        self.stop, self.device, self.signum = stop, device, None
+
+    @property
+    def decided(self) -> bool:
+        return self.signum is not None
 
     @property
     def requested(self) -> bool:
-        asked = self.stop.requested
-        self.decided = bool(sharding.agree_max(int(asked), self.device)) if self.device is not None else asked
+        signum = self.stop.signum or 0
+        if self.device is not None:
+            signum = sharding.agree_max(signum, self.device)
+        self.signum = signum or None
         return self.decided
 
 

@@ -87,6 +87,47 @@ def test_fsdp_precompute_shards_the_reference_and_fills_the_cache_as_one_process
     assert "precompute: 0 rows in 0 parts (shard 2 of 2) (32 of 64 rows already cached, kept); 4 idle forwards" in stdout
 
 
+SIGTERM_TO_ONE_PROCESS = textwrap.dedent("""
+    import os, signal, sys
+    from dpo_lean import precompute
+    real, calls = precompute.BatchScorer._score, []
+
+    def score(self, rows):  # process 0 alone is signalled during its second forward (the end of its first part)
+        calls.append(1)
+        if len(calls) == 2 and os.environ["RANK"] == "0":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, rows)
+
+    precompute.BatchScorer._score = score
+    from dpo_lean.cli import main
+    sys.argv = ["dpo-lean", "precompute", sys.argv[1]]
+    main()
+""")
+
+
+def test_sigterm_to_one_fsdp_precompute_process_stops_both_before_the_same_forward(tmp_path):
+    """FSDP forwards are collective: a process that stopped alone would leave the other waiting in the next forward's
+    all-gather. The processes agree before each forward, so both stop after their first part (exit 143, the signal
+    that one of them got), keeping it, and a rerun completes the cache a 1-process run writes."""
+    cache = tmp_path / "ref_cache"
+    config = write_config(tmp_path / "cfg.yaml", fixture_raw(tmp_path, **RUN, fsdp=True, ref_cache_dir=str(cache),
+                                                           output_dir=str(tmp_path / "out")))
+    for part in cache.glob("part-*"):  # fixture_raw copied the committed cache: compute it all again
+        part.unlink()
+    script = tmp_path / "sigterm_to_one.py"
+    script.write_text(SIGTERM_TO_ONE_PROCESS)
+    proc = subprocess.run([str(a) for a in [*TORCHRUN[:4], script, config]], capture_output=True, text=True,
+                          timeout=240, cwd=ROOT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, output[-4000:]  # (torchrun's own report has one)
+    assert output.count("interrupted: 32 of 64 rows are cached in complete parts") == 2, output[-4000:]
+    assert len(list(cache.glob("part-*"))) == 2
+
+    launch(*TORCHRUN, "precompute", config)
+    expected = pd.read_parquet(FIXTURES / "demo" / "ref_cache").sort_values("row_index").reset_index(drop=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(cache).sort_values("row_index").reset_index(drop=True), expected)
+
+
 def test_fsdp_train_killed_and_resumed_equals_one_process_with_the_same_global_batch(fsdp, one_process_run):
     assert fsdp["killed"].returncode != 0 and fsdp["checkpoints_after_kill"] == ["checkpoint-4"]
     assert "FSDP: this process holds" in fsdp["killed"].stdout and "of weights (50%)" in fsdp["killed"].stdout
