@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -186,7 +187,27 @@ class GracefulStop:
         self.close()
 
 
-def until_stopped(items, stop: GracefulStop):
+class AgreedStop:
+    """``stop.requested``, asked before each step of a loop; with ``agree`` (a collective: the largest signal number
+    over the processes), agreed by all processes, so that they stop before the same step even where only one was
+    signalled (FSDP's forwards are collective). ``decided``: the last answer, without asking again; ``signum``: the
+    signal agreed on."""
+
+    def __init__(self, stop: GracefulStop, agree: Callable[[int], int] | None = None):
+        self.stop, self.agree, self.signum = stop, agree, None
+
+    @property
+    def decided(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def requested(self) -> bool:
+        signum = self.stop.signum or 0
+        self.signum = (self.agree(signum) if self.agree is not None else signum) or None
+        return self.decided
+
+
+def until_stopped(items, stop: GracefulStop | AgreedStop):
     """``items`` until ``stop`` is requested (checked before each one is taken)."""
     for item in items:
         if stop.requested:

@@ -202,6 +202,7 @@ def _scorer(config: Config, pad_id: int, dev: torch.device, accelerator) -> Batc
     dtype = modeling.compute_dtype(config, dev, config.ref_precision)
     model = modeling.prepare_reference(config)
     if accelerator is not None:
+        sharding.replicate_head(accelerator, model)
         model = accelerator.prepare(model)
         click.echo(sharding.describe(model))
     sharing = prefix_sharing(config, model, dtype)
@@ -310,7 +311,7 @@ def write_parts(score: BatchScorer, rows: PreparedRows, todo, cache_dir, fingerp
     runs the busiest one's number of forwards and stops before the same one.
     """
     stop = faults.GracefulStop("finishing this batch, saving the rows done and stopping")
-    agreed = _AgreedStop(stop, score.dev if lockstep else None)
+    agreed = faults.AgreedStop(stop, (lambda signum: sharding.agree_max(signum, score.dev)) if lockstep else None)
     try:
         with stop, bar(n_rows, "reference log-probs", "row", delay=0) as progress:
             progress.tokens, progress.t0 = 0, time.perf_counter()
@@ -330,27 +331,6 @@ def write_parts(score: BatchScorer, rows: PreparedRows, todo, cache_dir, fingerp
                           f"cached in complete parts in {cache_dir}; rerun `dpo-lean precompute CONFIG.yaml` "
                           "to compute the rest", stop.signum or agreed.signum or getattr(e, "signum", signal.SIGINT)) from None
     return progress
-
-
-class _AgreedStop:
-    """``stop.requested``, asked before each forward; with a ``device`` (FSDP), agreed by all processes (a
-    collective: the largest signal number any of them got), so that they stop before the same forward even where only
-    one was signalled. ``decided``: the last answer, without asking again; ``signum``: the signal agreed on."""
-
-    def __init__(self, stop: faults.GracefulStop, device: torch.device | None):
-        self.stop, self.device, self.signum = stop, device, None
-
-    @property
-    def decided(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def requested(self) -> bool:
-        signum = self.stop.signum or 0
-        if self.device is not None:
-            signum = sharding.agree_max(signum, self.device)
-        self.signum = signum or None
-        return self.decided
 
 
 def _usable_rows(cache_dir, rows: PreparedRows) -> set[str]:

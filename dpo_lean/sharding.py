@@ -5,8 +5,8 @@ A run asks for it as transformers and LLaMA-Factory users do: the config keys ``
 (transformers' TrainingArguments), or ``accelerate launch --config_file F`` where F says ``distributed_type: FSDP``
 (accelerate passes it on as FSDP_* environment variables). Either way accelerate builds its FSDP plugin and its
 ``fsdp2_prepare_model`` shards the model: one FSDP unit per decoder layer, one for the input embeddings, one for
-the final norm with the output head (which stays gathered from the forward to the end of the backward, so the
-chunked log-probs read it whole), and the root.
+the final norm, and the root. The frozen output head (with the embedding matrix, where it is tied) stays whole on
+every process, outside FSDP (:func:`replicate_head`).
 
 What dpo-lean adds to that engine:
 
@@ -24,6 +24,9 @@ What dpo-lean adds to that engine:
 - precompute runs its forwards in lockstep (an FSDP forward is collective): a rank with fewer batches than another
   runs an idle forward (the shortest row, its scores discarded) for each one it lacks, and an out-of-memory batch
   is an error rather than split on one rank;
+- the frozen output head is kept whole on every process rather than sharded: the chunked log-probs read it whole
+  for the whole step, so a sharded head would be gathered into a whole copy beside its shard, and FSDP2's
+  all-gather holds it twice for a moment (measured: ``tools/bench scale-out``);
 - what cannot work is refused in one line (:func:`check`).
 """
 
@@ -225,6 +228,16 @@ def enable(accelerator, fsdp_plugin) -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def replicate_head(accelerator, model) -> None:
+    """Keep ``model``'s output head (and the embedding matrix, where it is tied: the same parameter) whole on every
+    process, out of FSDP's units (accelerate's ``ignored_modules``). Only a frozen head: a trained one
+    (``modules_to_save``) stays sharded, since FSDP reduces the gradients of what it shards."""
+    head = model.get_output_embeddings()
+    params = list(head.parameters()) if head is not None else []
+    if params and not any(p.requires_grad for p in params):
+        accelerator.state.fsdp_plugin.ignored_modules = [head]
+
+
 def adapter_state_dict(model) -> dict:
     """The trainable weights (LoRA), gathered whole onto rank 0's CPU (an empty dict on the other ranks); the
     frozen 4-bit base is never gathered. Every rank must call it (it is collective)."""
@@ -281,8 +294,9 @@ def held(model) -> tuple[int, int]:
 
 def describe(model) -> str:
     mine, total = held(model)
-    return (f"FSDP: this process holds {mine / 2**20:,.1f} MB of the model's {total / 2**20:,.1f} MB of weights "
-            f"({mine / max(total, 1):.0%}), gathering each layer when it runs")
+    return (f"FSDP: this process holds {mine / 2**20:,.2f} MB of the model's {total / 2**20:,.2f} MB of weights "
+            f"({mine / max(total, 1):.0%}: its shard of each layer, and the output head whole), gathering each layer "
+            "when it runs")
 
 
 class ReportSharding(TrainerCallback):

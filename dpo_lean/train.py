@@ -86,6 +86,7 @@ class DPOLeanTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         if sharding.requested(self.dpo):  # FSDP on CPU too (accelerate turns it on for GPUs only)
             sharding.enable(self.accelerator, sharding.plugin(self.dpo, self.args.fsdp_plugin_args))
+            sharding.replicate_head(self.accelerator, self.model)
             self.is_fsdp_enabled = True
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):

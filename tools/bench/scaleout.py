@@ -128,8 +128,8 @@ def print_scale_out_table(shape: str, results: dict, warmup: int) -> None:
     held = next((r["held_mb"] for result in results.values() for r in result.values() if r.get("held_mb")), None)
     if held:
         print(f"\nFSDP: each process holds {held[0]:,.1f} MB of the model's {held[1]:,.1f} MB of weights as loaded "
-              "(NF4 packed weights, float32 embedding/head on CPU; bitsandbytes' quantisation constants, which "
-              "stay whole on every process, not counted)")
+              "(its shard of each layer and the output head whole; NF4 packed weights, float32 embedding/head on "
+              "CPU; bitsandbytes' quantisation constants, which stay whole on every process, not counted)")
 
 
 def add_scaleout_arguments(parser) -> None:
