@@ -231,11 +231,7 @@ class StopOnInterrupt(TrainerCallback):
         self.stop.start()
 
     def on_step_end(self, args, state, control, **kwargs):
-        signum = self.stop.signum or 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            t = torch.tensor([float(signum)], device=args.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            signum = int(t.item())
+        signum = launch.agree_max(self.stop.signum or 0, args.device)
         if signum:
             self.signum = signum
             control.should_save = True

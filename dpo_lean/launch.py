@@ -57,3 +57,15 @@ def refuse_launcher(command: str, usage: str = "CONFIG.yaml") -> None:
     if world_size() > 1:
         raise DpoLeanError(f"{command} runs in one process; run `dpo-lean {command} {usage}` without torchrun or "
                            "accelerate launch")
+
+
+def agree_max(value: int, device) -> int:
+    """The largest ``value`` over the processes of a launch (a collective on ``device``); ``value`` itself where no
+    process group is running."""
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())

@@ -194,7 +194,7 @@ def _forwards(config: Config, dev: torch.device, todo: list) -> tuple[object, in
     if not sharding.requested(config):
         return None, forwards, forwards
     accelerator = sharding.inference_accelerator(config, dev)
-    return accelerator, forwards, sharding.agree_max(forwards, dev)
+    return accelerator, forwards, launch.agree_max(forwards, dev)
 
 
 def _scorer(config: Config, pad_id: int, dev: torch.device, accelerator) -> BatchScorer:
@@ -260,7 +260,8 @@ def run_precompute(config: Config) -> dict:
                f" -> {cache_dir}")
     t0 = time.perf_counter()
     progress = write_parts(score, rows, todo, cache_dir, fingerprint, n_rows,
-                           idle=(most - forwards, rows.take(plan[-1][-1][-1:])), lockstep=accelerator is not None)
+                           idle=(most - forwards, rows.take(plan[-1][-1][-1:]) if most > forwards else []),
+                           lockstep=accelerator is not None)
     seconds = time.perf_counter() - t0
     return _finish(cache_dir, {"rows": n_rows, "tokens": progress.tokens, "seconds": round(seconds, 3),
                                "shard": f"{shard_index}/{num_shards}", "device": str(dev),
@@ -311,7 +312,7 @@ def write_parts(score: BatchScorer, rows: PreparedRows, todo, cache_dir, fingerp
     runs the busiest one's number of forwards and stops before the same one.
     """
     stop = faults.GracefulStop("finishing this batch, saving the rows done and stopping")
-    agreed = faults.AgreedStop(stop, (lambda signum: sharding.agree_max(signum, score.dev)) if lockstep else None)
+    agreed = faults.AgreedStop(stop, (lambda signum: launch.agree_max(signum, score.dev)) if lockstep else None)
     try:
         with stop, bar(n_rows, "reference log-probs", "row", delay=0) as progress:
             progress.tokens, progress.t0 = 0, time.perf_counter()

@@ -247,13 +247,6 @@ def adapter_state_dict(model) -> dict:
     return get_model_state_dict(model, options=options)
 
 
-def agree_max(value: int, device: torch.device) -> int:
-    """The largest ``value`` over the processes (collective)."""
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
-
-
 def check_precompute(config: Config) -> None:
     """:func:`check` for precompute, whose processes share the rows one shard each; its notices said once."""
     for line in notices(config, check(config)):
